@@ -1,0 +1,67 @@
+"""Train the embedded toy models: ``python -m helpers.toyworld.train STAGE [options]``.
+
+Stages, run in this order:
+
+- ``vae``: the autoencoder, on rendered scenes.
+- ``ldm``: the UNet and the text encoder, on latents of rendered scenes; needs ``vae``.
+- ``export``: write the UNet's averaged weights and the rest as a diffusers pipeline folder.
+- ``estimators``: the depth and saliency estimators, on rendered scenes.
+
+Every stage writes checkpoints under ``--work-dir`` and resumes from them when run again, so
+training can be stopped at any time (``--max-minutes`` stops it cleanly). It uses a GPU when
+one is present and runs unchanged on the CPU.
+"""
+
+import argparse
+import logging
+
+import torch
+
+DEFAULT_WORK_DIR = "runs/toy_training"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=("vae", "ldm", "export", "estimators"))
+    parser.add_argument("--work-dir", default=DEFAULT_WORK_DIR, help="folder for caches and checkpoints")
+    parser.add_argument("--steps", type=int, help="total optimizer steps (learning-rate schedule length)")
+    parser.add_argument("--batch-size", type=int, help="images per optimizer step")
+    parser.add_argument("--scenes", type=int, help="number of rendered training scenes")
+    parser.add_argument("--max-minutes", type=float, help="stop cleanly after this many minutes")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    parser.add_argument("--output", help="export: pipeline folder (default data/toy_ldm); estimators: weights folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    options = {
+        key: value
+        for key, value in (
+            ("steps", args.steps),
+            ("batch_size", args.batch_size),
+            ("scene_count", args.scenes),
+            ("max_minutes", args.max_minutes),
+        )
+        if value is not None
+    }
+    if args.stage == "vae":
+        from .train_vae import train_vae
+
+        train_vae(f"{args.work_dir}/vae", **options)
+    elif args.stage == "ldm":
+        from .train_ldm import train_ldm
+
+        train_ldm(f"{args.work_dir}/ldm", vae_dir=f"{args.work_dir}/vae/final", **options)
+    elif args.stage == "export":
+        from .train_ldm import export_pipeline
+
+        export_pipeline(f"{args.work_dir}/ldm", f"{args.work_dir}/vae/final", args.output or "data/toy_ldm")
+    else:
+        from .train_estimators import train_estimators
+
+        train_estimators(f"{args.work_dir}/estimators", args.output or "data/toy_estimators", **options)
+
+
+if __name__ == "__main__":
+    main()

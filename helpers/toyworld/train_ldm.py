@@ -1,0 +1,265 @@
+"""Training of the toy UNet and text encoder on latents of rendered scenes, and export.
+
+The autoencoder is trained first and frozen. Each scene is encoded once, and every step draws
+a fresh latent from the encoder's Gaussian posterior. Captions are recomposed from the scene's
+attributes with a random phrasing at every step, so the text encoder learns the attributes
+rather than one fixed sentence per image. One caption in ten is dropped (empty string) so
+classifier-free guidance works at sampling time.
+"""
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+from PIL import Image
+from transformers import CLIPTokenizer
+
+from .architecture import (
+    build_sampling_scheduler,
+    build_text_encoder,
+    build_training_scheduler,
+    build_unet,
+)
+from .dataset import DISTANCES, SIDES, render_training_set
+from .scene import COLORS, SHAPES, compose_caption
+from .tokenizer import save_tokenizer
+from .train_vae import cosine_learning_rate, images_to_tensor, tensor_to_images
+from .training_state import load_training_state, save_training_state
+
+logger = logging.getLogger(__name__)
+
+CAPTION_DROPOUT = 0.1
+# Min-SNR loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+# Weighting Strategy"): caps the weight of low-noise timesteps so they do not dominate.
+MIN_SNR_GAMMA = 5.0
+PREVIEW_PROMPTS = (
+    "a red sphere on the left, close to the camera",
+    "a blue cube on the right, far away",
+    "a yellow cone in the centre, at medium distance",
+    "a green cylinder on the left, far away",
+    "a purple sphere on the right, nearby",
+    "a white cube in the middle, up close",
+    "an orange cone on the right, at medium distance",
+    "a blue cylinder in the centre, close to the camera",
+)
+
+
+def encode_scenes(vae: AutoencoderKL, images: np.ndarray, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Return the posterior mean and standard deviation of every image, cached on disk."""
+    if cache.exists():
+        with np.load(cache, allow_pickle=False) as archive:
+            return archive["mean"], archive["std"]
+    means, stds = [], []
+    with torch.no_grad():
+        for start in range(0, len(images), 256):
+            posterior = vae.encode(images_to_tensor(images[start : start + 256])).latent_dist
+            means.append(posterior.mean.numpy())
+            stds.append(posterior.std.numpy())
+    mean, std = np.concatenate(means), np.concatenate(stds)
+    partial = cache.with_suffix(".partial.npz")
+    np.savez(partial, mean=mean, std=std)
+    partial.replace(cache)
+    return mean, std
+
+
+def random_captions(data: dict, index: np.ndarray, rng: np.random.Generator) -> list[str]:
+    colors, sides = list(COLORS), SIDES
+    captions = []
+    for i in index:
+        if rng.random() < CAPTION_DROPOUT:
+            captions.append("")
+            continue
+        captions.append(
+            compose_caption(
+                colors[data["color"][i]],
+                SHAPES[data["shape"][i]],
+                sides[data["side"][i]],
+                DISTANCES[data["distance"][i]],
+                phrasing=int(rng.integers(1 << 30)),
+            )
+        )
+    return captions
+
+
+def tokenize(tokenizer: CLIPTokenizer, captions: list[str], device) -> torch.Tensor:
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+
+
+@torch.no_grad()
+def update_ema(average: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for averaged, current in zip(average.parameters(), model.parameters(), strict=True):
+        averaged.lerp_(current, 1.0 - decay)
+
+
+def save_preview(vae, unet, text_encoder, tokenizer, path: Path, device) -> None:
+    """Sample the preview prompts with 15 DDIM steps and write them as one image row."""
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=build_sampling_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    generators = [torch.Generator("cpu").manual_seed(i) for i in range(len(PREVIEW_PROMPTS))]
+    images = pipeline(
+        list(PREVIEW_PROMPTS),
+        num_inference_steps=15,
+        guidance_scale=4.0,
+        generator=generators,
+        output_type="np",
+    ).images
+    row = (np.concatenate(list(images), axis=1) * 255 + 0.5).astype(np.uint8)
+    Image.fromarray(row).resize((row.shape[1] * 3, row.shape[0] * 3), Image.NEAREST).save(path)
+
+
+def train_ldm(
+    output_dir: str | Path,
+    vae_dir: str | Path,
+    steps: int = 3000,
+    batch_size: int = 64,
+    learning_rate: float = 6e-4,
+    scene_count: int = 30000,
+    checkpoint_every: int = 250,
+    ema_decay: float = 0.999,
+    max_minutes: float | None = None,
+    device: str | None = None,
+) -> Path:
+    """Train the UNet and text encoder, resuming from output_dir/checkpoint.safetensors."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    # 1. Frozen autoencoder, scene latents and the caption tokenizer.
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    data = render_training_set(scene_count, output_dir.parent)
+    latent_mean, latent_std = encode_scenes(vae, data["images"], output_dir / f"latents_{scene_count}.npz")
+    latent_mean = torch.from_numpy(latent_mean)
+    latent_std = torch.from_numpy(latent_std)
+    scaling = vae.config.scaling_factor
+    tokenizer = save_tokenizer(output_dir / "tokenizer")
+
+    # 2. Models, their moving averages and the optimizer.
+    torch.manual_seed(0)
+    unet = build_unet().to(device)
+    text_encoder = build_text_encoder(
+        len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id
+    ).to(device)
+    unet_average = copy.deepcopy(unet).requires_grad_(False)
+    text_average = copy.deepcopy(text_encoder).requires_grad_(False)
+    parameters = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=1e-2)
+    modules = {"unet": unet, "text": text_encoder, "unet_ema": unet_average, "text_ema": text_average}
+    checkpoint = output_dir / "checkpoint.safetensors"
+    step = 0
+    if checkpoint.exists():
+        step, _ = load_training_state(checkpoint, modules, optimizer)
+        logger.info("Resumed diffusion training at step %d", step)
+
+    scheduler = build_training_scheduler()
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    signal_to_noise = alphas_cumprod / (1.0 - alphas_cumprod)
+    rng = np.random.default_rng(step)
+    generator = torch.Generator("cpu").manual_seed(step)
+    started = time.time()
+    losses = []
+    while step < steps:
+        # 3. A batch of latents z_0 ~ q(z | x), scaled to unit variance, and fresh captions.
+        index = rng.integers(0, len(latent_mean), size=batch_size)
+        noise_for_posterior = torch.randn(latent_mean[index].shape, generator=generator)
+        latents = (latent_mean[index] + latent_std[index] * noise_for_posterior) * scaling
+        latents = latents.to(device)
+        token_ids = tokenize(tokenizer, random_captions(data, index, rng), device)
+
+        # 4. Forward diffusion: z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) epsilon.
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        timesteps = timesteps.to(device)
+        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+
+        # 5. Predict epsilon; weight each sample's error by min(SNR_t, gamma) / SNR_t.
+        text_embeddings = text_encoder(token_ids).last_hidden_state
+        noise_prediction = unet(noisy_latents, timesteps, text_embeddings).sample
+        snr = signal_to_noise[timesteps]
+        weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
+        per_sample = (noise_prediction - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (weights * per_sample).mean()
+
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_learning_rate(step, steps, learning_rate, warmup=200)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        step += 1
+
+        # 6. Exponential moving average, with a short warm-up so early averages are not stale.
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        update_ema(unet_average, unet, decay)
+        update_ema(text_average, text_encoder, decay)
+        losses.append(loss.item())
+
+        if step % 50 == 0:
+            logger.info(
+                "ldm step %d loss %.4f (%.1f s)", step, float(np.mean(losses[-50:])), time.time() - started
+            )
+        out_of_time = max_minutes is not None and time.time() - started > max_minutes * 60
+        if step % checkpoint_every == 0 or step == steps or out_of_time:
+            save_training_state(checkpoint, modules, optimizer, step)
+            save_preview(vae, unet_average.eval(), text_average.eval(), tokenizer, output_dir / f"samples_{step:05d}.png", device)
+        if out_of_time:
+            logger.info("Stopped at step %d; run again to resume", step)
+            break
+    return checkpoint
+
+
+def export_pipeline(ldm_dir: str | Path, vae_dir: str | Path, output: str | Path) -> Path:
+    """Write the averaged UNet and text encoder with the autoencoder as a pipeline folder."""
+    ldm_dir = Path(ldm_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(ldm_dir / "tokenizer")
+    unet = build_unet()
+    text_encoder = build_text_encoder(
+        len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id
+    )
+    modules = {"unet_ema": unet, "text_ema": text_encoder}
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(ldm_dir / "checkpoint.safetensors"))
+    for name, module in modules.items():
+        prefix = f"model.{name}."
+        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+    pipeline = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(vae_dir),
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=build_sampling_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(output, safe_serialization=True)
+    logger.info("Exported the toy pipeline to %s", output)
+    return Path(output)
+
+
+def sample_grid(pipeline, prompts, path: Path, seeds=None) -> None:
+    """Sample prompts and save them as one row, for looking at training progress."""
+    seeds = seeds if seeds is not None else range(len(prompts))
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    images = pipeline(list(prompts), num_inference_steps=15, guidance_scale=4.0, generator=generators).images
+    row = np.concatenate([np.asarray(image) for image in images], axis=1)
+    Image.fromarray(row).save(path)
+
+
+__all__ = ["train_ldm", "export_pipeline", "sample_grid", "tensor_to_images"]
