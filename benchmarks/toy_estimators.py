@@ -1,6 +1,6 @@
 """Score the toy depth and saliency estimators on 500 held-out rendered scenes.
 
-    python benchmarks/toy_estimators.py [--count 500]
+python benchmarks/toy_estimators.py [--count 500]
 """
 
 import argparse
@@ -11,7 +11,9 @@ from helpers.toyworld.train_estimators import evaluate_estimator
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--count", type=int, default=500, help="number of held-out scenes")
     args = parser.parse_args()
     metrics = evaluate_estimator(ToyEstimator.from_pretrained(TOY_ESTIMATORS_DIR), args.count)

@@ -88,11 +88,16 @@ class TransformersDepthLabeler(Labeler):
     def _predict(self, images):
         outputs = []
         for image in images:
-            inputs = self.processor(images=(image * 255).round().astype(np.uint8), return_tensors="pt")
+            inputs = self.processor(
+                images=(image * 255).round().astype(np.uint8), return_tensors="pt"
+            )
             inputs = {key: value.to(self.device) for key, value in inputs.items()}
             predicted = self.model(**inputs).predicted_depth  # (1, h, w), relative inverse depth
             resized = F.interpolate(
-                predicted[:, None].float(), size=image.shape[:2], mode="bicubic", align_corners=False
+                predicted[:, None].float(),
+                size=image.shape[:2],
+                mode="bicubic",
+                align_corners=False,
             )
             outputs.append(resized[0, 0].cpu().numpy())
         return np.stack(outputs)
@@ -110,13 +115,17 @@ class BiRefNetSaliencyLabeler(Labeler):
     @torch.no_grad()
     def _predict(self, images):
         tensor = torch.from_numpy(images).permute(0, 3, 1, 2)
-        tensor = F.interpolate(tensor, size=(self.input_size,) * 2, mode="bilinear", align_corners=False)
+        tensor = F.interpolate(
+            tensor, size=(self.input_size,) * 2, mode="bilinear", align_corners=False
+        )
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         dtype = next(self.model.parameters()).dtype
         logits = self.model(((tensor - mean) / std).to(self.device, dtype))[-1]
         probability = torch.sigmoid(logits.float())
-        probability = F.interpolate(probability, size=images.shape[1:3], mode="bilinear", align_corners=False)
+        probability = F.interpolate(
+            probability, size=images.shape[1:3], mode="bilinear", align_corners=False
+        )
         result = probability[:, 0].cpu().numpy()
         result[_uniform_images(images)] = 0.0
         return result
@@ -149,11 +158,15 @@ def load_depth_labeler(name: str = "toy", device: str = "cpu") -> Labeler:
 
         return ToyDepthLabeler(ToyEstimator.from_pretrained(TOY_ESTIMATORS_DIR, device))
     if name not in DEPTH_MODEL_IDS:
-        raise ValueError(f"Unknown depth labeler {name!r}; choose one of {['toy', *DEPTH_MODEL_IDS]}.")
+        raise ValueError(
+            f"Unknown depth labeler {name!r}; choose one of {['toy', *DEPTH_MODEL_IDS]}."
+        )
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
     model_id = DEPTH_MODEL_IDS[name]
-    model = _load_pretrained(model_id, lambda: AutoModelForDepthEstimation.from_pretrained(model_id))
+    model = _load_pretrained(
+        model_id, lambda: AutoModelForDepthEstimation.from_pretrained(model_id)
+    )
     processor = _load_pretrained(model_id, lambda: AutoImageProcessor.from_pretrained(model_id))
     return TransformersDepthLabeler(name, model, processor, device)
 
@@ -165,11 +178,14 @@ def load_saliency_labeler(name: str = "toy", device: str = "cpu") -> Labeler:
 
         return ToySaliencyLabeler(ToyEstimator.from_pretrained(TOY_ESTIMATORS_DIR, device))
     if name not in SALIENCY_MODEL_IDS:
-        raise ValueError(f"Unknown saliency labeler {name!r}; choose one of {['toy', *SALIENCY_MODEL_IDS]}.")
+        raise ValueError(
+            f"Unknown saliency labeler {name!r}; choose one of {['toy', *SALIENCY_MODEL_IDS]}."
+        )
     from transformers import AutoModelForImageSegmentation
 
     model_id = SALIENCY_MODEL_IDS[name]
     model = _load_pretrained(
-        model_id, lambda: AutoModelForImageSegmentation.from_pretrained(model_id, trust_remote_code=True)
+        model_id,
+        lambda: AutoModelForImageSegmentation.from_pretrained(model_id, trust_remote_code=True),
     )
     return BiRefNetSaliencyLabeler(model, device)

@@ -12,7 +12,9 @@ def dice(prediction: np.ndarray, target: np.ndarray) -> float:
     prediction = np.asarray(prediction, dtype=bool)
     target = np.asarray(target, dtype=bool)
     if prediction.shape != target.shape:
-        raise ValueError(f"Mask shapes differ: prediction {prediction.shape}, target {target.shape}.")
+        raise ValueError(
+            f"Mask shapes differ: prediction {prediction.shape}, target {target.shape}."
+        )
     total = prediction.sum() + target.sum()
     if total == 0:
         return 1.0

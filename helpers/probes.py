@@ -46,7 +46,8 @@ class ProbeFitSettings:
             raise ValueError(f"ridge must be >= 0, got {self.ridge}.")
         if self.saliency_method not in ("gradient", "closed_form"):
             raise ValueError(
-                f"saliency_method must be 'gradient' or 'closed_form', got {self.saliency_method!r}."
+                "saliency_method must be 'gradient' or 'closed_form', "
+                f"got {self.saliency_method!r}."
             )
         if self.gradient_iterations < 1:
             raise ValueError(f"gradient_iterations must be >= 1, got {self.gradient_iterations}.")
@@ -205,11 +206,27 @@ def fit_saliency_probe(
     start = torch.stack([-direction / 2, direction / 2])
     if settings.saliency_method == "closed_form":
         return LinearProbe("saliency", start, grid)
+    return refine_saliency_probe(inputs, fraction, start, grid, settings)
 
+
+def refine_saliency_probe(
+    inputs: torch.Tensor,
+    fraction: torch.Tensor,
+    start: torch.Tensor,
+    grid: int,
+    settings: ProbeFitSettings,
+) -> LinearProbe:
+    """Fit the saliency probe's cross-entropy by full-batch L-BFGS from the weight ``start``.
+
+    ``inputs`` are tokens (tokens, width), ``fraction`` the object's share of each token
+    (tokens,), and ``start`` a (2, width) weight, usually the least-squares closed form.
+    """
     # Cross-entropy with soft targets (the object's share of each token), full-batch L-BFGS.
     targets = torch.stack([1.0 - fraction, fraction], dim=1)
     weight = start.clone().requires_grad_(True)
-    optimizer = torch.optim.LBFGS([weight], max_iter=settings.gradient_iterations, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [weight], max_iter=settings.gradient_iterations, line_search_fn="strong_wolfe"
+    )
     penalty = settings.ridge * inputs.pow(2).mean()
 
     def closure():
@@ -223,7 +240,9 @@ def fit_saliency_probe(
     return LinearProbe("saliency", weight.detach(), grid)
 
 
-def score_probe(probe: LinearProbe, activations: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
+def score_probe(
+    probe: LinearProbe, activations: torch.Tensor, labels: np.ndarray
+) -> dict[str, float]:
     """Score on held-out images at full label resolution.
 
     Saliency: mean foreground Dice. Depth: RMSE in standard deviations of the training

@@ -84,7 +84,10 @@ def test_estimator_recovers_render_labels(estimator):
     scenes = [render(900_000_000 + i) for i in range(16)]
     output = estimator.predict(np.stack([s.image for s in scenes]))
     assert output.mask.shape == (16, 64, 64)
-    overlap = [(m & s.salient_mask).sum() / max(s.salient_mask.sum(), 1) for m, s in zip(output.mask, scenes)]
+    overlap = [
+        (m & s.salient_mask).sum() / max(s.salient_mask.sum(), 1)
+        for m, s in zip(output.mask, scenes, strict=True)
+    ]
     assert np.mean(overlap) > 0.8
     sky = ~np.isfinite(scenes[0].depth)
     assert (output.relative_inverse_depth[0][sky] < 0.05).mean() > 0.95

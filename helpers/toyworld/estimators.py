@@ -24,6 +24,12 @@ CONFIG_FILE = "config.json"
 UNIFORM_IMAGE_STD = 1e-3
 
 
+def _light_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    """One convolution without normalisation, for the full-resolution stages, which dominate
+    the cost on a CPU."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.SiLU())
+
+
 def _block(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, padding=1),
@@ -38,16 +44,18 @@ def _block(in_channels: int, out_channels: int) -> nn.Sequential:
 class DepthSaliencyNet(nn.Module):
     """Encoder-decoder with skip connections; output channels: inverse depth, mask logit."""
 
-    def __init__(self, widths: tuple[int, ...] = (32, 64, 96, 128)):
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 64)):
         super().__init__()
         self.widths = tuple(widths)
         self.encoders = nn.ModuleList()
         in_channels = 3
-        for width in widths:
-            self.encoders.append(_block(in_channels, width))
+        for index, width in enumerate(widths):
+            block = _light_block if index == 0 else _block
+            self.encoders.append(block(in_channels, width))
             in_channels = width
         self.decoders = nn.ModuleList(
-            _block(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(len(widths) - 1))
+            (_light_block if i == 0 else _block)(widths[i + 1] + widths[i], widths[i])
+            for i in reversed(range(len(widths) - 1))
         )
         self.head = nn.Conv2d(widths[0], 2, 1)
 
@@ -112,7 +120,9 @@ def validate_images(images) -> np.ndarray:
     if array.shape[-1] == 4:
         array = array[..., :3]
     if array.shape[1] < 8 or array.shape[2] < 8:
-        raise ValueError(f"Images must be at least 8x8 pixels, got {array.shape[1]}x{array.shape[2]}.")
+        raise ValueError(
+            f"Images must be at least 8x8 pixels, got {array.shape[1]}x{array.shape[2]}."
+        )
     return array
 
 
@@ -158,10 +168,14 @@ class ToyEstimator:
         for chunk in tensor.split(batch_size):
             chunk = chunk.to(self.device)
             if chunk.shape[-2:] != network_size:
-                chunk = F.interpolate(chunk, size=network_size, mode="bilinear", align_corners=False)
+                chunk = F.interpolate(
+                    chunk, size=network_size, mode="bilinear", align_corners=False
+                )
             prediction = self.network(chunk)
             if prediction.shape[-2:] != (height, width):
-                prediction = F.interpolate(prediction, size=(height, width), mode="bilinear", align_corners=False)
+                prediction = F.interpolate(
+                    prediction, size=(height, width), mode="bilinear", align_corners=False
+                )
             outputs.append(prediction.float().cpu())
         prediction = torch.cat(outputs)
 

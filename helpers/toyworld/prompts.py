@@ -12,7 +12,9 @@ from .render import render
 PROMPT_SCENE_START = HELD_OUT_SEED_START + 100_000
 
 
-def write_prompt_list(path: str | Path, count: int = 617, train_count: int = 246, seed: int = 0) -> Path:
+def write_prompt_list(
+    path: str | Path, count: int = 617, train_count: int = 246, seed: int = 0
+) -> Path:
     """Write a CSV of prompt, seed, split and the scene's attributes.
 
     The default sizes mirror the Stable Diffusion probing set of Chen et al. (2023): 617
@@ -27,11 +29,22 @@ def write_prompt_list(path: str | Path, count: int = 617, train_count: int = 246
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["prompt", "seed", "split", "scene_seed", "color", "shape", "side", "distance"])
+        writer.writerow(
+            ["prompt", "seed", "split", "scene_seed", "color", "shape", "side", "distance"]
+        )
         for i in range(count):
             scene = render(PROMPT_SCENE_START + i)
             writer.writerow(
-                [scene.caption, i, splits[i], PROMPT_SCENE_START + i, scene.color, scene.shape, scene.side, scene.distance]
+                [
+                    scene.caption,
+                    i,
+                    splits[i],
+                    PROMPT_SCENE_START + i,
+                    scene.color,
+                    scene.shape,
+                    scene.side,
+                    scene.distance,
+                ]
             )
     return path
 

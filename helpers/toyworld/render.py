@@ -70,9 +70,7 @@ def camera_rays(scene: Scene, size: int) -> tuple[np.ndarray, np.ndarray]:
     right = np.array([1.0, 0.0, 0.0])
     up = np.array([0.0, np.cos(pitch), np.sin(pitch)])
     forward = np.array([0.0, -np.sin(pitch), np.cos(pitch)])
-    directions = (
-        x_camera.reshape(-1, 1) * right + y_camera.reshape(-1, 1) * up + forward[None, :]
-    )
+    directions = x_camera.reshape(-1, 1) * right + y_camera.reshape(-1, 1) * up + forward[None, :]
     origins = np.tile(np.array([0.0, scene.camera_height, 0.0]), (size * size, 1))
     return origins, directions
 
@@ -97,7 +95,9 @@ def _ground_albedo(scene: Scene, points: np.ndarray, distance: np.ndarray) -> np
     v = np.floor(points[:, 2] / scene.ground_tile + scene.ground_phase[1])
     checker = ((u + v) % 2.0) * 2.0 - 1.0
     contrast = 0.12 * np.exp(-np.maximum(distance - 3.0, 0.0) / 6.0)
-    return np.clip(np.array(scene.ground_rgb)[None, :] * (1.0 + contrast[:, None] * checker[:, None]), 0, 1)
+    return np.clip(
+        np.array(scene.ground_rgb)[None, :] * (1.0 + contrast[:, None] * checker[:, None]), 0, 1
+    )
 
 
 def _sky(scene: Scene, directions: np.ndarray) -> np.ndarray:

@@ -112,7 +112,11 @@ def sample_scene(seed: int, max_objects: int = 3) -> Scene:
     elevation = np.deg2rad(rng.uniform(35.0, 65.0))
     azimuth = rng.uniform(-np.pi, np.pi)
     light = np.array(
-        [np.cos(elevation) * np.sin(azimuth), np.sin(elevation), np.cos(elevation) * np.cos(azimuth)]
+        [
+            np.cos(elevation) * np.sin(azimuth),
+            np.sin(elevation),
+            np.cos(elevation) * np.cos(azimuth),
+        ]
     )
     ground = np.array(GROUND_COLORS[int(rng.integers(len(GROUND_COLORS)))])
     ground = np.clip(ground + rng.normal(0.0, 0.03, size=3), 0.0, 1.0)
@@ -182,9 +186,7 @@ def distance_band(obj: SceneObject, camera_pitch: float, camera_height: float) -
     return "middle"
 
 
-def compose_caption(
-    color: str, shape: str, side: str, distance: str, phrasing: int = 0
-) -> str:
+def compose_caption(color: str, shape: str, side: str, distance: str, phrasing: int = 0) -> str:
     """Build a caption from attribute words; phrasing picks the template and synonyms."""
     rng = np.random.default_rng(phrasing)
     template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]

@@ -21,7 +21,8 @@ END_OF_WORD = "</w>"
 def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Merge the lowest-ranked adjacent pair until none is left, as CLIP's tokenizer does."""
     while len(symbols) > 1:
-        pairs = [(ranks.get(pair, 1 << 30), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        adjacent = zip(symbols, symbols[1:], strict=False)
+        pairs = [(ranks.get(pair, 1 << 30), i) for i, pair in enumerate(adjacent)]
         rank, i = min(pairs)
         if rank == 1 << 30:
             break

@@ -21,15 +21,24 @@ DEFAULT_WORK_DIR = "runs/toy_training"
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("stage", choices=("vae", "ldm", "export", "estimators"))
-    parser.add_argument("--work-dir", default=DEFAULT_WORK_DIR, help="folder for caches and checkpoints")
-    parser.add_argument("--steps", type=int, help="total optimizer steps (learning-rate schedule length)")
+    parser.add_argument(
+        "--work-dir", default=DEFAULT_WORK_DIR, help="folder for caches and checkpoints"
+    )
+    parser.add_argument(
+        "--steps", type=int, help="total optimizer steps (learning-rate schedule length)"
+    )
     parser.add_argument("--batch-size", type=int, help="images per optimizer step")
     parser.add_argument("--scenes", type=int, help="number of rendered training scenes")
     parser.add_argument("--max-minutes", type=float, help="stop cleanly after this many minutes")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
-    parser.add_argument("--output", help="export: pipeline folder (default data/toy_ldm); estimators: weights folder")
+    parser.add_argument(
+        "--output",
+        help="export: pipeline folder (default data/toy_ldm); estimators: weights folder",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
@@ -56,11 +65,15 @@ def main(argv=None) -> None:
     elif args.stage == "export":
         from .train_ldm import export_pipeline
 
-        export_pipeline(f"{args.work_dir}/ldm", f"{args.work_dir}/vae/final", args.output or "data/toy_ldm")
+        export_pipeline(
+            f"{args.work_dir}/ldm", f"{args.work_dir}/vae/final", args.output or "data/toy_ldm"
+        )
     else:
         from .train_estimators import train_estimators
 
-        train_estimators(f"{args.work_dir}/estimators", args.output or "data/toy_estimators", **options)
+        train_estimators(
+            f"{args.work_dir}/estimators", args.output or "data/toy_estimators", **options
+        )
 
 
 if __name__ == "__main__":

@@ -102,12 +102,16 @@ def train_estimators(
 
         # 2. L1 on inverse depth (skipped for uniform images), BCE plus soft Dice on the mask.
         prediction = network(batch.to(device))
-        depth_loss = (has_depth.to(device) * (prediction[:, 0] - target_depth.to(device)).abs()).mean()
+        depth_loss = (
+            has_depth.to(device) * (prediction[:, 0] - target_depth.to(device)).abs()
+        ).mean()
         logits = prediction[:, 1]
         mask = mask.to(device)
         bce = F.binary_cross_entropy_with_logits(logits, mask)
         probability = torch.sigmoid(logits)
-        soft_dice = 1 - (2 * (probability * mask).sum((1, 2)) + 1) / (probability.sum((1, 2)) + mask.sum((1, 2)) + 1)
+        soft_dice = 1 - (2 * (probability * mask).sum((1, 2)) + 1) / (
+            probability.sum((1, 2)) + mask.sum((1, 2)) + 1
+        )
         loss = 2.0 * depth_loss + bce + 0.5 * soft_dice.mean()
 
         for group in optimizer.param_groups:
@@ -118,7 +122,9 @@ def train_estimators(
         step += 1
 
         if step % 50 == 0:
-            logger.info("estimator step %d loss %.4f (%.1f s)", step, loss.item(), time.time() - started)
+            logger.info(
+                "estimator step %d loss %.4f (%.1f s)", step, loss.item(), time.time() - started
+            )
         out_of_time = max_minutes is not None and time.time() - started > max_minutes * 60
         if step % checkpoint_every == 0 or step == steps or out_of_time:
             save_training_state(checkpoint, {"network": network}, optimizer, step)

@@ -48,7 +48,9 @@ PREVIEW_PROMPTS = (
 )
 
 
-def encode_scenes(vae: AutoencoderKL, images: np.ndarray, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+def encode_scenes(
+    vae: AutoencoderKL, images: np.ndarray, cache: Path
+) -> tuple[np.ndarray, np.ndarray]:
     """Return the posterior mean and standard deviation of every image, cached on disk."""
     if cache.exists():
         with np.load(cache, allow_pickle=False) as archive:
@@ -87,7 +89,11 @@ def random_captions(data: dict, index: np.ndarray, rng: np.random.Generator) -> 
 
 def tokenize(tokenizer: CLIPTokenizer, captions: list[str], device) -> torch.Tensor:
     return tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids.to(device)
 
 
@@ -142,7 +148,9 @@ def train_ldm(
     # 1. Frozen autoencoder, scene latents and the caption tokenizer.
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     data = render_training_set(scene_count, output_dir.parent)
-    latent_mean, latent_std = encode_scenes(vae, data["images"], output_dir / f"latents_{scene_count}.npz")
+    latent_mean, latent_std = encode_scenes(
+        vae, data["images"], output_dir / f"latents_{scene_count}.npz"
+    )
     latent_mean = torch.from_numpy(latent_mean)
     latent_std = torch.from_numpy(latent_std)
     scaling = vae.config.scaling_factor
@@ -158,7 +166,12 @@ def train_ldm(
     text_average = copy.deepcopy(text_encoder).requires_grad_(False)
     parameters = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=1e-2)
-    modules = {"unet": unet, "text": text_encoder, "unet_ema": unet_average, "text_ema": text_average}
+    modules = {
+        "unet": unet,
+        "text": text_encoder,
+        "unet_ema": unet_average,
+        "text_ema": text_average,
+    }
     checkpoint = output_dir / "checkpoint.safetensors"
     step = 0
     if checkpoint.exists():
@@ -182,7 +195,9 @@ def train_ldm(
 
         # 4. Forward diffusion: z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) epsilon.
         noise = torch.randn(latents.shape, generator=generator).to(device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator
+        )
         timesteps = timesteps.to(device)
         noisy_latents = scheduler.add_noise(latents, noise, timesteps)
 
@@ -210,12 +225,22 @@ def train_ldm(
 
         if step % 50 == 0:
             logger.info(
-                "ldm step %d loss %.4f (%.1f s)", step, float(np.mean(losses[-50:])), time.time() - started
+                "ldm step %d loss %.4f (%.1f s)",
+                step,
+                float(np.mean(losses[-50:])),
+                time.time() - started,
             )
         out_of_time = max_minutes is not None and time.time() - started > max_minutes * 60
         if step % checkpoint_every == 0 or step == steps or out_of_time:
             save_training_state(checkpoint, modules, optimizer, step)
-            save_preview(vae, unet_average.eval(), text_average.eval(), tokenizer, output_dir / f"samples_{step:05d}.png", device)
+            save_preview(
+                vae,
+                unet_average.eval(),
+                text_average.eval(),
+                tokenizer,
+                output_dir / f"samples_{step:05d}.png",
+                device,
+            )
         if out_of_time:
             logger.info("Stopped at step %d; run again to resume", step)
             break
@@ -236,7 +261,9 @@ def export_pipeline(ldm_dir: str | Path, vae_dir: str | Path, output: str | Path
     tensors = load_file(str(ldm_dir / "checkpoint.safetensors"))
     for name, module in modules.items():
         prefix = f"model.{name}."
-        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        module.load_state_dict(
+            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        )
 
     pipeline = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(vae_dir),
@@ -257,7 +284,9 @@ def sample_grid(pipeline, prompts, path: Path, seeds=None) -> None:
     """Sample prompts and save them as one row, for looking at training progress."""
     seeds = seeds if seeds is not None else range(len(prompts))
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    images = pipeline(list(prompts), num_inference_steps=15, guidance_scale=4.0, generator=generators).images
+    images = pipeline(
+        list(prompts), num_inference_steps=15, guidance_scale=4.0, generator=generators
+    ).images
     row = np.concatenate([np.asarray(image) for image in images], axis=1)
     Image.fromarray(row).save(path)
 

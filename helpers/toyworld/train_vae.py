@@ -115,7 +115,9 @@ def train_vae(
             save_reconstructions(vae, preview, output_dir / f"reconstructions_{step:05d}.png")
             vae.train()
         if out_of_time:
-            logger.info("Stopped at step %d after %.1f minutes; run again to resume", step, max_minutes)
+            logger.info(
+                "Stopped at step %d after %.1f minutes; run again to resume", step, max_minutes
+            )
             return output_dir
 
     # Measure the latent scale on held-back images so diffusion sees unit variance.
@@ -126,5 +128,7 @@ def train_vae(
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     final = output_dir / "final"
     vae.to("cpu").save_pretrained(final, safe_serialization=True)
-    logger.info("Saved the autoencoder to %s, scaling factor %.4f", final, vae.config.scaling_factor)
+    logger.info(
+        "Saved the autoencoder to %s, scaling factor %.4f", final, vae.config.scaling_factor
+    )
     return final

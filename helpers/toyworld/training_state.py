@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 
 def save_training_state(path, modules: dict, optimizer, step: int, extra: dict | None = None):
