@@ -24,12 +24,15 @@ Prints ``name=value`` lines:
   and ``inmemory_fit_peak_mb_images_<n>`` for the in-memory fit, which stacks a cell's
   activations over all images. ``fit_state_mb`` is the size of the streamed statistics.
 
-Peak memory is read with ``resource.getrusage`` (``ru_maxrss``), not ``tracemalloc``:
+Peak memory is the peak resident set size ``VmHWM`` from ``/proc/self/status`` (Linux), read
+in a fresh child process per fit that reads the activations image by image from files
+written beforehand; the script prints the growth of the peak from just before the first image
+to the end of fitting and scoring. Neither ``tracemalloc`` nor ``resource`` measures this:
 tracemalloc only sees allocations made through Python's allocators, and torch allocates
-tensor memory with its own C++ allocator, invisible to it. ru_maxrss covers the whole process,
-so each fit runs in a fresh child process that reads the activations image by image from
-files written beforehand, and the script prints the growth of the peak from just before the
-first image to the end of fitting and scoring.
+tensor memory with its own C++ allocator, invisible to it. ``resource.getrusage``'s
+``ru_maxrss`` counts torch's memory, but on Linux a child process inherits its parent's value
+through fork and exec, so a child of this script (which holds the SD pipeline) reported a
+growth of 0.
 
 Labels are synthetic and given: depth is each image's brightness and the saliency mask its
 pixels above the median brightness. Times are single wall-clock runs, so they move with the
@@ -40,7 +43,6 @@ machine's load.
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -192,7 +194,14 @@ def write_sd_activations(folder: Path, count: int, steps: int) -> None:
 
 
 def peak_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    """Return this process's peak resident set size in KiB (VmHWM, Linux only)."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        raise RuntimeError("Peak memory is read from /proc/self/status, which needs Linux.")
+    for line in status.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("/proc/self/status has no VmHWM line to read the peak memory from.")
 
 
 def fit_child(folder: Path, count: int, mode: str) -> None:

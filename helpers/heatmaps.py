@@ -25,7 +25,7 @@ HIGHER_IS_BETTER = {"dice": True, "rmse": False, "spearman": True, "pearson": Tr
 
 @dataclass
 class MetricGrid:
-    """One metric of one source and task as a (layers, steps) array; NaN where not fitted."""
+    """One metric of one source and task as a (layers, steps) array, NaN where not fitted."""
 
     source: str
     task: str
@@ -68,7 +68,7 @@ def difference_grid(grid: MetricGrid, control: MetricGrid) -> MetricGrid:
     """Return ``grid - control`` per cell.
 
     A control with a single row (the VAE decoder, the latent) is compared with every layer at
-    the same step; otherwise the layers must match.
+    the same step. Otherwise the layers must match.
     """
     if control.steps != grid.steps:
         raise ValueError(
@@ -142,8 +142,8 @@ def plot_metric_heatmaps(
         largest = np.nanmax([np.nanmax(np.abs(grid.values)) for grid in differences])
         largest = largest if math.isfinite(largest) and largest > 0 else 1.0
         for axis, grid, control in zip(axes[len(grids) :], differences, present, strict=True):
-            shown = MetricGrid(**{**grid.__dict__, "values": sign * grid.values})
-            diff_image = _draw_grid(axis, shown, "RdBu_r", -largest, largest)
+            improvement = MetricGrid(**{**grid.__dict__, "values": sign * grid.values})
+            diff_image = _draw_grid(axis, improvement, "RdBu_r", -largest, largest)
             axis.set_title(f"{reference} improvement over {control}", fontsize=9)
         figure.colorbar(
             diff_image, ax=list(axes[len(grids) :]), label=f"{metric} improvement", shrink=0.8
@@ -169,10 +169,10 @@ def best_cells(
 ) -> list[dict]:
     """Return the best cell per (task, source): its score, layer, block, grid and step.
 
-    ``metrics`` maps task to metric (``TASK_METRIC`` by default); best is the highest Dice or
-    the lowest RMSE. ``reference_minus_source`` is the reference's best score minus this
-    source's best, so a positive value for Dice, and a negative one for RMSE, means the
-    reference beats the control.
+    ``metrics`` maps task to metric (``TASK_METRIC`` by default), and the best cell has the
+    highest Dice or the lowest RMSE. ``reference_minus_source`` is the reference's best score
+    minus this source's best, so a positive value for Dice, and a negative one for RMSE,
+    means the reference beats the control.
     """
     metrics = dict(metrics or TASK_METRIC)
     table = []

@@ -127,7 +127,7 @@ def gradient_edit(
 
 @dataclass
 class InterventionSettings:
-    """What to edit and how."""
+    """Settings of an activation edit: task, method, layers, steps and strength."""
 
     task: str = "saliency"
     """"saliency" (move the salient object) or "depth" (shift the depth map)."""

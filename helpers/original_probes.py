@@ -84,8 +84,9 @@ def diffusers_layer_name(block: str, block_index: int, index: int) -> str:
 
     NOTE: the study's scripts take the hooked module as a command-line argument
     (``--layer_name``), and the file name records only ``attn1_out``. The mapping assumes it
-    was ``transformer_blocks.0.attn1.to_out.0``, the value in its visualisation script; a
-    probe trained on another module would load without error but read the wrong layer.
+    was ``transformer_blocks.0.attn1.to_out.0``, the value in the study's visualisation
+    script. A probe trained on another module would load without error but read the wrong
+    layer.
     """
     if block == "mid":
         return f"mid_block.attentions.{index}.transformer_blocks.0.attn1"
@@ -93,7 +94,7 @@ def diffusers_layer_name(block: str, block_index: int, index: int) -> str:
 
 
 def parse_original_probe_file(path: Path) -> OriginalProbeFile | None:
-    """Parse a released probe's path; None for files that are not attn1 probes."""
+    """Parse a released probe's path, or return None for files that are not attn1 probes."""
     folder = _STEP_FOLDER.match(path.parent.name)
     name = _FILE_PATTERN.match(path.name)
     if folder is None or name is None:
@@ -114,8 +115,8 @@ def parse_original_probe_file(path: Path) -> OriginalProbeFile | None:
 def original_timesteps(num_steps: int = ORIGINAL_NUM_STEPS) -> list[float]:
     """Timesteps of SD v1.4's LMS schedule for ``num_steps`` steps.
 
-    NOTE: computed with diffusers 0.42's LMSDiscreteScheduler; the study ran a modified copy
-    of an older diffusers whose timestep spacing may differ slightly.
+    NOTE: computed with diffusers 0.42's LMSDiscreteScheduler, but the study ran a modified
+    copy of an older diffusers whose timestep spacing may differ slightly.
     """
     scheduler = make_scheduler("lms", SD_V1_LMS_SCHEDULER_CONFIG)
     scheduler.set_timesteps(num_steps)
@@ -181,9 +182,9 @@ def find_original_probes(
             ", ".join(path.name for path in skipped[:5]),
         )
     if not selected:
-        which = "_final" if final else "non-final (lowest test loss)"
+        kind = "_final" if final else "non-final (lowest test loss)"
         raise FileNotFoundError(
-            f"No {which} saliency or depth probe files found under {folder}/at_step_N/: "
+            f"No {kind} saliency or depth probe files found under {folder}/at_step_N/: "
             "expected names such as segmentation_probe_up_1_attn1_out_0.pth."
         )
     return list(selected.values())
@@ -201,7 +202,7 @@ def convert_original_probes(
     """Convert released probes into ``output_dir``/{saliency,depth}.safetensors.
 
     Returns the written file per task. ``image_size`` sets the token grids (64x64 for
-    down_0 at 512 pixels); the probes themselves do not record it.
+    down_0 at 512 pixels), which the probe files themselves do not record.
     """
     if image_size <= 0 or image_size % 64:
         raise ValueError(
@@ -248,7 +249,7 @@ def convert_original_probes(
 
 
 def original_layer_names() -> Sequence[str]:
-    """The 16 diffusers layer names that the study's file names can map to, in network order."""
+    """List the 16 diffusers layer names that the study's file names map to, in network order."""
     names = [diffusers_layer_name("down", i, j) for i in range(3) for j in range(2)]
     names.append(diffusers_layer_name("mid", 0, 0))
     names += [diffusers_layer_name("up", i, j) for i in range(1, 4) for j in range(3)]

@@ -58,7 +58,7 @@ class ProbeEntry:
     grid: tuple[int, int]
     """Rows and columns of the token grid it was fitted on."""
     depth_mean: float = 0.0
-    """Mean of the training depth labels; predictions are in standard deviations from it."""
+    """Mean of the training depth labels. Predictions are in standard deviations from it."""
     depth_std: float = 1.0
     """Standard deviation of the training depth labels."""
     metrics: dict[str, float] = field(default_factory=dict)
@@ -116,7 +116,7 @@ class ProbeCheckpoint:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}.")
 
     def add(self, entry: ProbeEntry, probe: LinearProbe) -> None:
-        """Add a fitted probe; its task, width and grid must agree with ``entry``."""
+        """Add a fitted probe, whose task, width and grid must agree with ``entry``."""
         if probe.task != self.task:
             raise ValueError(
                 f"Cannot add a {probe.task} probe to a {self.task} checkpoint: keep one "
@@ -160,7 +160,7 @@ class ProbeCheckpoint:
 
     @classmethod
     def load(cls, path: str | Path) -> "ProbeCheckpoint":
-        """Read a checkpoint written by ``save``; raises on a missing file or another format."""
+        """Read a checkpoint written by ``save``, raising on a missing file or another format."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(

@@ -65,7 +65,7 @@ def run_probe(run, task: str, layer: str, step: int) -> LinearProbe:
     matches = [entry for entry in config["layers"] if entry["name"] == layer]
     if not matches:
         names = [entry["name"] for entry in config["layers"]]
-        raise ValueError(f"Layer {layer!r} is not in this run; recorded layers: {names}.")
+        raise ValueError(f"Layer {layer!r} is not in this run, whose layers are {names}.")
     checkpoint = ProbeCheckpoint.load(path)
     return checkpoint.probe(
         layer,
@@ -88,8 +88,8 @@ def plot_step_predictions(
 ) -> Figure:
     """Plot each image's decoded UNet input and both probes' predictions at every step.
 
-    ``pipe`` provides the VAE that decodes the latents; ``labels_run`` (``run`` by default)
-    the labels of the last column.
+    ``pipe`` provides the VAE that decodes the latents, and ``labels_run`` (``run`` by
+    default) the labels of the last column.
     """
     labels_run = run if labels_run is None else labels_run
     steps = list(range(int(run.config["num_steps"]))) if steps is None else list(steps)

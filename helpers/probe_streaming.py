@@ -7,9 +7,9 @@ activations and labels at a time and keeps, per (layer, step):
 - the least-squares statistics of ``helpers.probes.StreamingLeastSquares``: A^T A (width x
   width, float64) and A^T [p, s, 1], where p is the token's mean depth, s = 2 f - 1 for the
   object's share f of the token (the +-1 target of saliency's closed form) and 1 the column
-  sums. Depth targets are (p - mean) / std with the train split's mean and std, which are only
-  known at the end, so the depth moment is formed at solve time as
-  (A^T p - mean A^T 1) / std, which equals A^T of the standardised targets.
+  sums. Depth targets are (p - mean) / std with the train split's mean and std. Those are only
+  known at the end, so the depth moment is formed at solve time as (A^T p - mean A^T 1) / std,
+  which equals A^T of the standardised targets.
 - optionally a reservoir of at most ``reservoir_tokens`` tokens with their f, a uniform sample
   of all tokens seen, on which the cross-entropy saliency probe is refined.
 
@@ -229,7 +229,7 @@ class StreamingProbeFitter:
         return total + sum(reservoir.nbytes for reservoir in self.reservoirs.values())
 
     def fit(self) -> dict[str, list[CellFit]]:
-        """Solve the saliency and depth probe of every key; scores stay empty until scoring."""
+        """Solve the saliency and depth probe of every key, with empty scores until scoring."""
         self._require_images()
         mean, std = self.depth_mean, self.depth_std
         if not std > 0:
@@ -331,7 +331,7 @@ def sweep_streamed(
     reservoir_tokens: int | None = None,
     seed: int = 0,
 ) -> dict[str, list[CellFit]]:
-    """Fit on all train images, then score on the test images; returns fits per key."""
+    """Fit on all train images, then score on the test images, and return the fits per key."""
     fitter = StreamingProbeFitter(settings, reservoir_tokens=reservoir_tokens, seed=seed)
     for activations, depth, saliency in train_images:
         fitter.add_image(activations, depth, saliency)

@@ -7,7 +7,7 @@ scores on the test split, and writes ``{run}/probes/metrics.csv`` (see
 at full size, are fitted from streamed statistics by ``helpers.probe_streaming``.
 
 Controls: a run of the shuffled-weight UNet samples its own trajectory from the same prompts
-and seeds and has no labels of its own, so it is swept with ``labels_run`` set to the main
+and seeds. It has no labels of its own, so it is swept with ``labels_run`` set to the main
 run, whose labels belong to the same image ids. Every run also gets probes on the VAE
 decoder's self-attention (when recorded) and on the noisy latent, the plainest
 surface-statistic control.
@@ -58,7 +58,7 @@ class SweepLabels:
     """Boolean masks (N, H, W): saliency probability above ``SALIENCY_THRESHOLD``."""
     saliency_test: np.ndarray
     depth_mean: float
-    """Mean of all training depth pixels; depth targets are (depth - mean) / std."""
+    """Mean of all training depth pixels. Depth targets are (depth - mean) / std."""
     depth_std: float
     """Standard deviation of all training depth pixels."""
 
@@ -179,7 +179,7 @@ def sweep_run(
     include_vae: bool = True,
     save_probes: bool = True,
 ) -> list[dict]:
-    """Fit and score both probes at every (layer, step) of a run with stored activations.
+    """Fit and score both probes at every (layer, step) of a run that stores its activations.
 
     Args:
         run: a ``helpers.run_folder.RunFolder`` whose ``activation_storage`` is ``stored``.

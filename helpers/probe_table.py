@@ -146,7 +146,7 @@ def metric_row(
     train_images: int,
     test_images: int,
 ) -> dict:
-    """Build one table row; scores the task does not have stay None."""
+    """Build one table row, with None for the scores that the task does not have."""
     row = {column: None for column in METRIC_COLUMNS}
     row.update(
         source=cell.source,
@@ -170,7 +170,7 @@ def metric_row(
 
 
 def write_metrics_csv(rows: Sequence[Mapping], path: str | Path) -> Path:
-    """Write rows to a CSV file with the columns of ``METRIC_COLUMNS``; None becomes empty."""
+    """Write rows to a CSV file with the columns of ``METRIC_COLUMNS``, None as empty fields."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
@@ -182,7 +182,7 @@ def write_metrics_csv(rows: Sequence[Mapping], path: str | Path) -> Path:
 
 
 def read_metrics_csv(path: str | Path) -> list[dict]:
-    """Read a table written by ``write_metrics_csv``, with numbers parsed and empty as None."""
+    """Read a table written by ``write_metrics_csv``, parsing numbers and empty fields as None."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -211,7 +211,7 @@ def is_missing(value: float | None) -> bool:
 
 
 def format_table(rows: Sequence[Mapping], columns: Sequence[str], digits: int = 3) -> str:
-    """Format rows as a Markdown table; floats get ``digits`` decimals, None an empty cell."""
+    """Format rows as a Markdown table with ``digits`` decimals per float and None as empty."""
 
     def cell(value) -> str:
         if value is None:

@@ -202,12 +202,15 @@ def _read_text(source: str, encoding: str) -> str:
             )
         data = path.read_bytes()
     try:
-        return data.decode(encoding)
+        text = data.decode(encoding)
     except UnicodeDecodeError as error:
         raise PromptTableError(
             f"The prompt list {source} is not valid {encoding} (byte {error.start}): pass the "
             "file's encoding, such as encoding='latin-1'."
         ) from error
+    # Spreadsheet programs often start a UTF-8 CSV with a byte order mark, which would
+    # otherwise become part of the first column's name.
+    return text.removeprefix("\ufeff")
 
 
 def _download(url: str) -> bytes:

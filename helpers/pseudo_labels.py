@@ -176,10 +176,13 @@ def score_labels_on_renders(
 def summarize_labels(run: RunFolder) -> str:
     """Describe a labelled run per split: images, salient area, empty masks, depth range."""
     labelers = run.labelers()
-    lines = [
-        f"Labels of {run.path}: depth from {labelers.get('depth')}, saliency from "
-        f"{labelers.get('saliency')}"
+    sources = [
+        f"{kind} from {labelers[kind]['name']} (version {labelers[kind]['version']})"
+        if kind in labelers
+        else f"no {kind} labeler"
+        for kind in LABEL_KINDS
     ]
+    lines = [f"Labels of {run.path}: {', '.join(sources)}"]
     for split in ("train", "test"):
         if not run.image_ids(split):
             lines.append(f"  {split}: no images")

@@ -70,6 +70,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from helpers.paths import RUNS_DIR
+from helpers.prompt_lists import SPLITS
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,6 @@ LABELS_FILE = "labels.json"
 FIGURES_DIR = "figures"
 
 LABEL_KINDS = ("depth", "saliency")
-SPLITS = ("train", "test")
-ACTIVATION_STORAGE_MODES = ("stored", "streamed")
 UNET_VARIANTS = ("original", "shuffled", "reinit")
 VAE_DECODER_KEY = "vae_decoder"
 LATENT_KEY = "latent"
@@ -122,8 +121,8 @@ def write_atomically(path: Path, write: Callable[[io.BufferedWriter], None]) -> 
     """Write a file through ``write(handle)`` under a temporary name, then rename it to ``path``.
 
     The rename is atomic on POSIX and Windows file systems when both names are in the same
-    folder, so readers see either no file or the complete one. The data is flushed to disk
-    before the rename, so a crash of the machine does not leave an empty file either.
+    folder, so readers see either no file or the complete one. The data reaches the disk
+    before the rename, so after a machine crash the file is likewise missing or complete.
     """
     temporary = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
     try:
@@ -274,7 +273,7 @@ class RunFolder:
         return folder
 
     def key_prefixes(self) -> list[str]:
-        """Prefixes of the stored keys: the layer names, then "vae_decoder" and "latent"."""
+        """Return the prefixes of the stored keys: layer names, then "vae_decoder" and "latent"."""
         prefixes = list(self.layer_names)
         if self.config.get("vae_layer") is not None:
             prefixes.append(VAE_DECODER_KEY)
@@ -294,7 +293,7 @@ class RunFolder:
     # Images and their index rows
 
     def image_ids(self, split: str | None = None) -> list[int]:
-        """Image ids in index order, all of them or those of one split ("train" or "test")."""
+        """Return image ids in index order, all of them or those of one split ("train", "test")."""
         if split is None:
             return [row["image_id"] for row in self.index]
         if split not in SPLITS:
@@ -318,7 +317,7 @@ class RunFolder:
         return not self.stores_activations or self.activations_path(image_id).is_file()
 
     def completed_ids(self) -> list[int]:
-        """Ids of the images whose files are all written, in index order."""
+        """Return the ids of the images whose files are all written, in index order."""
         return [image_id for image_id in self.image_ids() if self.is_complete(image_id)]
 
     def load_image(self, image_id: int) -> np.ndarray:
@@ -378,7 +377,7 @@ class RunFolder:
     # Labels
 
     def labelers(self) -> dict:
-        """Labeler name and version per label kind, from labels.json ({} before labelling)."""
+        """Return the labeler name and version per label kind, {} before labelling."""
         path = self.path / LABELS_DIR / LABELS_FILE
         if not path.is_file():
             return {}

@@ -150,8 +150,8 @@ def check_resumable(existing: dict, requested: dict, run_dir: Path) -> None:
     if differences:
         shown = "; ".join(_shorten(line) for line in differences)
         raise RunFolderError(
-            f"The run folder {run_dir} contains a run with different settings ({shown}). Pass a new "
-            "run_dir for these settings, or delete the folder to start it over."
+            f"The run folder {run_dir} contains a run with different settings ({shown}). Pass "
+            "a new run_dir for these settings, or delete the folder to start it over."
         )
 
 
@@ -250,10 +250,14 @@ def generate_run(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     run_dir = Path(run_dir)
 
-    # 1. The UNet to sample with and the run.json that describes the run.
-    sampling_pipe = control_pipeline(pipe, unet_variant, shuffle_seed)
+    # 1. The run.json that describes the run. A control UNet has the original's architecture,
+    # so its layers are read from the original.
+    if unet_variant not in UNET_VARIANTS:
+        raise ValueError(
+            f"Unknown unet_variant {unet_variant!r}: use one of {list(UNET_VARIANTS)}."
+        )
     config = build_run_config(
-        sampling_pipe,
+        pipe,
         sampling_config,
         model_id,
         store_activations=store_activations,
@@ -274,7 +278,12 @@ def generate_run(
         len(pending),
     )
 
-    # 3. Sampling, one pass per batch, and the files of each image.
+    # 3. Sampling, one pass per batch, and the files of each image. The control copy of the
+    # UNet is only built when there is something to sample, because copying and shuffling
+    # Stable Diffusion's UNet takes seconds and a second copy of its weights.
+    if not pending:
+        return run
+    sampling_pipe = control_pipeline(pipe, unet_variant, shuffle_seed)
     recording = None
     if store_activations:
         recording = RecordingConfig(dtype=ACTIVATION_DTYPE, vae_decoder=True)

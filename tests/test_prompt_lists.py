@@ -17,8 +17,9 @@ from helpers.prompt_lists import (
 )
 
 # Two files in the layout of the repository of Chen, Viégas and Wattenberg (2023): the
-# columns "prompts,seeds", and in the test file an extra "prompt_inds" column. The prompts are made up; the quoting cases (a comma,
-# doubled quotes, a non-ASCII character) are the kinds that occur in the LAION captions.
+# columns "prompts,seeds", and in the test file an extra "prompt_inds" column. The prompts
+# are made up, but the quoting cases (a comma, doubled quotes, a non-ASCII character) are
+# the kinds that occur in the LAION captions.
 ORIGINAL_TRAIN_CSV = (
     "prompts,seeds\n"
     '"Herders with a yak team, Big Pamir",63270105\n'
@@ -74,6 +75,13 @@ def test_rows_have_types(tmp_path):
     (row,) = read_prompt_table(path).rows
 
     assert row == {"prompt": "a red cube", "seed": 7, "split": "train", "color": "red"}
+
+
+def test_byte_order_mark_is_ignored(tmp_path):
+    path = tmp_path / "prompts.csv"
+    path.write_bytes(b"\xef\xbb\xbfprompt,seed\na red cube,7\n")
+
+    assert read_prompt_table(path).rows[0]["seed"] == 7
 
 
 def test_split_column_is_optional(tmp_path):

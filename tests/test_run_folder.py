@@ -13,7 +13,7 @@ from PIL import Image
 
 from helpers import run_generation
 from helpers.hooks import layer_infos
-from helpers.models import build_toy_pipeline_random
+from helpers.models import build_sd_pipeline_random, build_toy_pipeline_random
 from helpers.paths import DATA_DIR, RUNS_DIR
 from helpers.prompt_lists import PromptTable, read_prompt_table
 from helpers.run_folder import (
@@ -487,3 +487,23 @@ def test_summary_lists_layers(run):
     assert "5 of 5 images complete (3 train, 2 test)" in summary
     for layer in run.layers:
         assert layer["name"] in summary
+
+
+@pytest.mark.slow
+def test_sd_architecture_run_layers(table, tmp_path):
+    # Stable Diffusion v1.x's UNet at 64x64 pixels: an 8x8 latent, so grids 8, 4, 2 and 1.
+    pipe = build_sd_pipeline_random(sample_size=8, seed=0)
+    config = SamplingConfig(num_steps=1, guidance_scale=7.5)
+
+    sd_run = generate_run(pipe, table.head(1), tmp_path / "sd", config, "sd-random", progress=False)
+
+    widths = [layer["width"] for layer in sd_run.layers]
+    grids = [layer["grid"][0] for layer in sd_run.layers]
+    assert len(sd_run.layers) == 16
+    assert widths == [320, 320, 640, 640, 1280, 1280, 1280] + [1280] * 3 + [640] * 3 + [320] * 3
+    assert grids == [8, 8, 4, 4, 2, 2, 1] + [2] * 3 + [4] * 3 + [8] * 3
+    activations = sd_run.load_activations(0)
+    for layer in sd_run.layers:
+        tokens = layer["grid"][0] * layer["grid"][1]
+        assert activations[f"{layer['name']}@0"].shape == (tokens, layer["width"])
+    assert activations["vae_decoder@0"].shape == (64, sd_run.config["vae_layer"]["width"])

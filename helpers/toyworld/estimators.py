@@ -88,7 +88,7 @@ def validate_images(images) -> np.ndarray:
     """Return images as float32 (N, H, W, 3) in [0, 1], or raise a ValueError naming the fix.
 
     Accepts uint8 in [0, 255] or floats in [0, 1], one image (H, W, C) or a batch (N, H, W, C),
-    with 1 (grayscale), 3 (RGB) or 4 (RGBA, alpha dropped) channels, or a grayscale (H, W).
+    with 1 (grayscale), 3 (RGB) or 4 (RGBA, alpha dropped) channels, or one grayscale (H, W).
     """
     array = np.asarray(images)
     if array.dtype == np.uint8:
@@ -106,13 +106,14 @@ def validate_images(images) -> np.ndarray:
     else:
         raise ValueError(f"Images must be uint8 or float, got dtype {array.dtype}.")
 
+    # A 3-D array is one (H, W, C) image; a batch of grayscale images is (N, H, W, 1).
     if array.ndim == 2:
         array = array[None, :, :, None]
     elif array.ndim == 3:
-        array = array[None] if array.shape[-1] in (1, 3, 4) else array[..., None]
+        array = array[None]
     if array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
         raise ValueError(
-            f"Images must have shape (H, W, 3) or (N, H, W, 3) with 1, 3 or 4 channels, "
+            f"Images must have shape (H, W, C) or (N, H, W, C) with C = 1, 3 or 4 channels, "
             f"got {np.asarray(images).shape}."
         )
     if array.shape[-1] == 1:
