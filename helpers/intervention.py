@@ -276,3 +276,37 @@ def depth_success(
         "edited_pearson": pearson(edited_depth, target_depth),
         "baseline_pearson": pearson(original_depth, target_depth),
     }
+
+
+def probes_for_intervention(
+    checkpoint,
+    pipe,
+    model: str,
+    settings: InterventionSettings,
+    height: int | None = None,
+) -> dict[tuple[str, int], LinearProbe]:
+    """Load the probes an intervention edits, each checked against its layer of ``pipe``.
+
+    checkpoint: a ``helpers.probe_checkpoints.ProbeCheckpoint`` of the settings' task.
+    height: image height the edits run at; None uses the model's default size.
+    """
+    from .hooks import layer_infos
+    from .sampling import vae_scale_factor
+
+    if checkpoint.task != settings.task:
+        raise ValueError(
+            f"The checkpoint holds {checkpoint.task} probes but the intervention edits "
+            f"{settings.task}: load the {settings.task} checkpoint."
+        )
+    scale = vae_scale_factor(pipe.vae)
+    height = height or pipe.unet.config.sample_size * scale
+    infos = {info.name: info for info in layer_infos(pipe.unet, height // scale)}
+    layers = settings.default_layers(list(infos))
+    unknown = [layer for layer in layers if layer not in infos]
+    if unknown:
+        raise ValueError(f"Layers {unknown} are not self-attention layers of this UNet.")
+    return {
+        (layer, step): checkpoint.probe_for_layer(infos[layer], step, model=model)
+        for layer in layers
+        for step in settings.default_steps()
+    }

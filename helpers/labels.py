@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .models import weights_digest
 from .toyworld.estimators import UNIFORM_IMAGE_STD, ToyEstimator, validate_images
 
 logger = logging.getLogger(__name__)
@@ -57,9 +58,14 @@ def _uniform_images(images: np.ndarray) -> np.ndarray:
     return images.reshape(len(images), -1).std(axis=1) < UNIFORM_IMAGE_STD
 
 
+def _toy_version(estimator: ToyEstimator) -> str:
+    # The weights' digest distinguishes retrained and untrained estimators in labels.json.
+    return f"1+{weights_digest(estimator.network, length=12)}"
+
+
 class ToyDepthLabeler(Labeler):
     def __init__(self, estimator: ToyEstimator):
-        super().__init__("toy-depth", "1")
+        super().__init__("toy-depth", _toy_version(estimator))
         self.estimator = estimator
 
     def _predict(self, images):
@@ -68,7 +74,7 @@ class ToyDepthLabeler(Labeler):
 
 class ToySaliencyLabeler(Labeler):
     def __init__(self, estimator: ToyEstimator):
-        super().__init__("toy-saliency", "1")
+        super().__init__("toy-saliency", _toy_version(estimator))
         self.estimator = estimator
 
     def _predict(self, images):

@@ -16,6 +16,8 @@ adds its labels. ``RunFolder`` reads it. The layout::
 ``run.json`` is one JSON object:
 
 - ``model``: the model id (``"toy"``, a Hugging Face id or a local folder);
+- ``unet_weights_sha256``: 16 hex digits of a hash of the original UNet's weights
+  (``helpers.models.weights_digest``), so a retrained model with the same id is detected;
 - ``scheduler`` (``"lms"``, ``"ddim"``, ``"euler"``), ``num_steps``, ``guidance_scale``,
   ``height`` and ``width`` in pixels;
 - ``timesteps``: the scheduler timestep of each step index 0 .. num_steps - 1;

@@ -15,7 +15,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save as serialize_safetensors
 
 from helpers.hooks import find_vae_decoder_self_attention, layer_infos
-from helpers.models import pipeline_with_unet, shuffled_unet
+from helpers.models import pipeline_with_unet, shuffled_unet, weights_digest
 from helpers.progress import progress as progress_bar
 from helpers.prompt_lists import PromptTable
 from helpers.run_folder import (
@@ -55,6 +55,7 @@ ACTIVATION_DTYPE = torch.float16
 # run.json keys that must match for a run to resume; any other difference is harmless.
 RESUME_KEYS = (
     "model",
+    "unet_weights_sha256",
     "scheduler",
     "num_steps",
     "guidance_scale",
@@ -124,6 +125,7 @@ def build_run_config(
     return {
         "format_version": FORMAT_VERSION,
         "model": str(model_id),
+        "unet_weights_sha256": weights_digest(pipe.unet),
         "scheduler": sampling_config.scheduler,
         "num_steps": sampling_config.num_steps,
         "guidance_scale": float(sampling_config.guidance_scale),
@@ -236,7 +238,8 @@ def generate_run(
 
     Resuming: images whose PNG (and activation file) exist are skipped, and files that a
     killed run left half-written are deleted first. A folder whose run.json differs in
-    model, scheduler, steps, guidance, size, UNet variant or storage raises RunFolderError.
+    model or its UNet weights, scheduler, steps, guidance, size, UNet variant or storage
+    raises RunFolderError.
 
     NOTE: images sampled in a different batch composition after a resume can differ from an
     uninterrupted run in the last bits (see ``helpers.sampling.generate``).

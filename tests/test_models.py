@@ -184,3 +184,22 @@ def test_pipeline_with_unet_swaps_only_unet(toy_folder, toy_unet):
     assert swapped.vae is pipe.vae
     assert swapped.text_encoder is pipe.text_encoder
     assert pipe.unet is not toy_unet
+
+
+def test_weights_digest_equal_for_copies(toy_unet):
+    copy = models.shuffled_unet(toy_unet, seed=0, mode="reinit")
+    copy.load_state_dict(toy_unet.state_dict())
+
+    assert models.weights_digest(copy) == models.weights_digest(toy_unet)
+
+
+def test_weights_digest_changes_with_weights(toy_unet):
+    shuffled = models.shuffled_unet(toy_unet, seed=0)
+
+    assert models.weights_digest(shuffled) != models.weights_digest(toy_unet)
+
+
+def test_weights_digest_accepts_bfloat16():
+    layer = torch.nn.Linear(3, 2).to(torch.bfloat16)
+
+    assert len(models.weights_digest(layer, length=12)) == 12

@@ -108,13 +108,23 @@ def test_label_files_shape_and_dtype(labelled_run):
             assert label.dtype == np.float32, (kind, image_id)
 
 
-def test_labels_json_names_labelers(labelled_run):
+def test_labels_json_names_labelers(labelled_run, depth_labeler, saliency_labeler):
     record = json.loads((labelled_run.path / "labels" / "labels.json").read_text())
 
     assert record == {
-        "depth": {"name": "toy-depth", "version": "1"},
-        "saliency": {"name": "toy-saliency", "version": "1"},
+        "depth": {"name": "toy-depth", "version": depth_labeler.version},
+        "saliency": {"name": "toy-saliency", "version": saliency_labeler.version},
     }
+
+
+def test_toy_labeler_version_tracks_weights(estimator):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        retrained = ToyEstimator(DepthSaliencyNet())
+
+    assert ToyDepthLabeler(estimator).version.startswith("1+")
+    assert ToyDepthLabeler(estimator).version == ToySaliencyLabeler(estimator).version
+    assert ToyDepthLabeler(retrained).version != ToyDepthLabeler(estimator).version
 
 
 def test_has_labels_after_labelling(labelled_run):
@@ -258,7 +268,8 @@ def test_trained_toy_labelers_score_well():
 
     scores = score_labels_on_renders(load_depth_labeler("toy"), load_saliency_labeler("toy"), 32)
 
-    # Loose bounds that only catch a broken estimator or labels misaligned with the renders.
-    # The estimators' own scores on 500 scenes are in data/toy_estimators/config.json.
-    assert scores["saliency_dice"] > 0.5
-    assert scores["depth_spearman"] > 0.5
+    # The estimators' scores on 500 held-out scenes are in data/toy_estimators/config.json
+    # (Dice 0.95, Spearman 0.99 for the shipped weights). The first 32 of those scenes scored
+    # Dice 0.93 and Spearman 0.997, so these bounds leave room for retrained weights.
+    assert scores["saliency_dice"] > 0.85
+    assert scores["depth_spearman"] > 0.95

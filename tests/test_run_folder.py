@@ -102,6 +102,7 @@ def test_run_json_sampling_fields(run):
     assert config["activation_storage"] == "stored"
     assert config["activation_dtype"] == "float16"
     assert config["unet_variant"] == "original"
+    assert len(config["unet_weights_sha256"]) == 16
     assert config["shuffle_seed"] is None
     assert config["prompt_file"].endswith("toy_prompts.csv")
 
@@ -367,6 +368,13 @@ def test_resume_rejects_changed_sampling(run, pipe, table, changed_config, chang
 def test_resume_rejects_changed_model(run, pipe, table):
     with pytest.raises(RunFolderError, match="model"):
         generate_run(pipe, table, run.path, TWO_STEPS, "another-model", progress=False)
+
+
+def test_resume_rejects_retrained_weights(run, table):
+    retrained = build_toy_pipeline_random(seed=1)
+
+    with pytest.raises(RunFolderError, match="unet_weights_sha256"):
+        generate_run(retrained, table, run.path, TWO_STEPS, "toy-random", progress=False)
 
 
 def test_resume_rejects_changed_unet_variant(run, pipe, table):
