@@ -11,9 +11,9 @@ Prints ``name=value`` lines:
   7 blocks x (1 + 2 + ... + 15) = 840.
 - ``sweep_over_generation``: wall time of (sampling with recording + fitting and scoring
   both probes on every cell, labels given) / wall time of plain sampling of the same images,
-  each sampling timed ``--repeats`` times, alternating, and the fastest kept,
   on the toy model (``data/toy_ldm`` if it exists, otherwise its architecture with random
-  weights). ``sweep_closed_form_over_generation`` is the same with the closed-form saliency
+  weights). Both samplings are timed ``--repeats`` times, alternating, and the fastest of
+  each counts. ``sweep_closed_form_over_generation`` is the same with the closed-form saliency
   probe instead of the cross-entropy fit.
 - ``control_sweep_over_generation``: the same for the shuffled-weight control (its own
   sampling with recording, fitted against the main run's labels), over the plain sampling
@@ -73,14 +73,14 @@ TOY_PROMPTS = [
 
 
 def brightness_labels(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Depth = brightness, saliency = brighter than the image's median; (N, H, W) each."""
+    """Return depth = brightness and saliency = brighter than the median, (N, H, W) each."""
     brightness = images.mean(axis=-1).astype(np.float32)
     median = np.median(brightness.reshape(len(images), -1), axis=1)[:, None, None]
     return brightness, (brightness > median).astype(np.float32)
 
 
 def sample(pipe, prompts, seeds, config, record: bool):
-    """Sample once; with ``record`` every layer, the VAE control and the latents."""
+    """Sample once, recording every layer, the VAE control and the latents if ``record``."""
     recording = RecordingConfig(dtype=torch.float16, vae_decoder=True) if record else None
     return generate(
         pipe, prompts, seeds, config, recording=recording, keep_step_latents=record, progress=False
@@ -88,7 +88,7 @@ def sample(pipe, prompts, seeds, config, record: bool):
 
 
 def fit_all_cells(result, run_config, labels: SweepLabels, settings, train: int) -> int:
-    """Fit and score both probes on every cell of a recorded result; return the cell count."""
+    """Fit and score both probes on every cell of a recorded result and count the cells."""
     per_image = [
         image_activations(result, index, run_config) for index in range(len(result.images))
     ]
@@ -220,7 +220,7 @@ def peak_kib() -> int:
 
 
 def fit_child(folder: Path, count: int, mode: str) -> None:
-    """Fit on the first half of ``count`` image files and score on the rest; print JSON."""
+    """Fit on the first half of ``count`` image files, score on the rest, and print JSON."""
     files = sorted(folder.glob("*.safetensors"))[:count]
     train = count // 2
     settings = ProbeFitSettings(saliency_method="closed_form")

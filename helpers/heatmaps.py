@@ -5,7 +5,8 @@ Input is the metrics table of ``helpers.probe_sweep`` (rows as dicts, from ``swe
 its shuffled control, are concatenated before plotting: each row carries its ``source``.
 
 Layers appear in network order (the order of their first row, which the sweeps write in
-network order) and are labelled by block and grid, such as ``down_0 16x16``.
+network order) and are labelled by block and grid, such as ``down_0 16x16``. Blocks with
+several layers number them in order: ``up_1.0 16x16``, ``up_1.1 16x16``.
 """
 
 import math
@@ -53,7 +54,7 @@ def metric_grid(
             f"No {task} rows for source {source!r}: the table has sources {sources_of(rows)}."
         )
     layers = list(dict.fromkeys(row["layer"] for row in selected))
-    labels = {row["layer"]: f"{row['block']} {row['grid']}" for row in selected}
+    labels = _layer_labels(selected, layers)
     steps = sorted({int(row["step"]) for row in selected})
     values = np.full((len(layers), len(steps)), np.nan)
     for row in selected:
@@ -62,6 +63,21 @@ def metric_grid(
             values[layers.index(row["layer"]), steps.index(int(row["step"]))] = value
     row_labels = [labels[layer] for layer in layers]
     return MetricGrid(source, task, metric, layers, row_labels, steps, values)
+
+
+def _layer_labels(rows: Sequence[Mapping], layers: Sequence[str]) -> dict[str, str]:
+    """Label layers by block and grid, numbering the layers of blocks that have several."""
+    block_of = {row["layer"]: row["block"] for row in rows}
+    grid_of = {row["layer"]: row["grid"] for row in rows}
+    per_block: dict[str, list[str]] = {}
+    for layer in layers:
+        per_block.setdefault(block_of[layer], []).append(layer)
+    labels = {}
+    for block, members in per_block.items():
+        for position, layer in enumerate(members):
+            name = block if len(members) == 1 else f"{block}.{position}"
+            labels[layer] = f"{name} {grid_of[layer]}"
+    return labels
 
 
 def difference_grid(grid: MetricGrid, control: MetricGrid) -> MetricGrid:

@@ -311,8 +311,14 @@ def compare_depth_fits(
     a (width x width) system, with no learning rate or iteration count to tune. It is
     deterministic, and it needs only the sufficient statistics A^T A and A^T y, which is what
     lets Stable Diffusion runs be fitted from a stream (``helpers.probe_streaming``).
-    Gradient training (Adam on the MSE, ``fit_depth_probe_gradient``) reaches the same test
-    RMSE only when it has run long enough, and costs one pass over all tokens per iteration.
+
+    Measured with this function on a 24-image run of the trained toy LDM (14 train, 10 test
+    images, 5 cells, one torch thread on a 2-core CPU): the closed form fitted in 1 to 10 ms
+    against 0.2 to 0.6 s for 200 Adam iterations, with equal or higher Spearman and Pearson
+    correlations on every cell. Its test RMSE was lower or equal on 3 cells and higher on 2
+    (1.01 against 0.92 and 1.39 against 1.24), where 64-wide layers overfit the few training
+    tokens and the gradient fit's early stop acts as regularisation. ``ridge=1e-2`` gave 0.91
+    and 1.16 there.
     """
     labels = load_sweep_labels(labels_run, run)
     rows = []

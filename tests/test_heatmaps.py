@@ -50,6 +50,12 @@ def test_grid_in_network_order_with_labels():
     np.testing.assert_allclose(grid.values, [[0.5, 0.7, 0.9], [0.4, 0.6, 0.8]])
 
 
+def test_layers_of_one_block_numbered():
+    layers = [("up_blocks.1.a0", "up_1", "8x8"), ("up_blocks.1.a1", "up_1", "8x8")]
+    rows = make_rows("model", [[0.1] * 3, [0.2] * 3], [[1.0] * 3, [1.0] * 3], layers=layers)
+    assert metric_grid(rows, "model", "depth").labels == ["up_1.0 8x8", "up_1.1 8x8"]
+
+
 def test_grid_of_unknown_source_fails():
     with pytest.raises(ValueError, match="sources"):
         metric_grid(ROWS, "reinit", "depth")

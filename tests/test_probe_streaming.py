@@ -75,7 +75,7 @@ def test_streamed_closed_form_equals_in_memory(run, labels, key):
 
 def test_streamed_gradient_equals_in_memory(run, labels):
     settings = ProbeFitSettings(gradient_iterations=20)
-    # 6 train images x 64 tokens fit in the reservoir, so it holds every token in order.
+    # 6 train images x 64 tokens fit in the reservoir, so it keeps every token in order.
     _, fits = fitted(run, settings, reservoir_tokens=6 * 64)
     train = run.load_cell(INFORMATIVE_LAYER, 0, "train")
     in_memory = fit_saliency_probe(train, labels.saliency_train, settings)
