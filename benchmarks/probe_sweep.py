@@ -10,11 +10,11 @@ Prints ``name=value`` lines:
   Stable Diffusion: it samples each image again for every (block, step), up to that step,
   7 blocks x (1 + 2 + ... + 15) = 840.
 - ``sweep_over_generation``: wall time of (sampling with recording + fitting and scoring
-  both probes on every cell, labels given) / wall time of plain sampling of the same images,
-  on the toy model (``data/toy_ldm`` if it exists, otherwise its architecture with random
-  weights). Both samplings are timed ``--repeats`` times, alternating, and the fastest of
-  each counts. ``sweep_closed_form_over_generation`` is the same with the closed-form saliency
-  probe instead of the cross-entropy fit.
+  both probes on every cell with the default settings, labels given) / wall time of plain
+  sampling of the same images, on the toy model (``data/toy_ldm`` if it exists, otherwise
+  its architecture with random weights). Both samplings are timed ``--repeats`` times,
+  alternating, and the fastest of each counts. ``sweep_cross_entropy_over_generation`` is
+  the same with the cross-entropy saliency fit instead of the closed form.
 - ``control_sweep_over_generation``: the same for the shuffled-weight control (its own
   sampling with recording, fitted against the main run's labels), over the plain sampling
   of the original model. Shuffling the weights once is printed apart as
@@ -155,7 +155,7 @@ def toy_ratios(args) -> None:
     )
     for name, settings in (
         ("sweep", ProbeFitSettings()),
-        ("sweep_closed_form", ProbeFitSettings(saliency_method="closed_form")),
+        ("sweep_cross_entropy", ProbeFitSettings(saliency_method="gradient")),
     ):
         start = time.perf_counter()
         cells = fit_all_cells(recorded, run_config, labels, settings, train)

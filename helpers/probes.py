@@ -35,8 +35,12 @@ class ProbeFitSettings:
     ridge: float = 1e-3
     """L2 penalty of least squares, relative to the mean diagonal of the Gram matrix."""
 
-    saliency_method: str = "gradient"
-    """"gradient" (cross-entropy, full-batch L-BFGS) or "closed_form" (least squares on +-1)."""
+    saliency_method: str = "closed_form"
+    """"closed_form" (least squares on +-1 targets) or "gradient" (cross-entropy, L-BFGS).
+
+    The closed form is the default: on the toy model (96 images) its best Dice was 0.632
+    against 0.644 for cross-entropy, while the whole sweep cost 1.4 instead of 3.9 times
+    plain generation (benchmarks/probe_sweep.py)."""
 
     gradient_iterations: int = 60
     """L-BFGS iterations for the cross-entropy fit."""
