@@ -149,9 +149,18 @@ def test_streamed_run_rejected(tmp_path):
         sweep_run(run, settings=CLOSED_FORM, progress=False)
 
 
-def test_gradient_saliency_default(tmp_path):
+def test_closed_form_saliency_default(tmp_path):
     run = write_synthetic_run(tmp_path / "run", images=6, steps=1)
-    rows = sweep_run(run, settings=ProbeFitSettings(gradient_iterations=10), progress=False)
+    rows = sweep_run(run, settings=ProbeFitSettings(), progress=False)
+    saliency = [row for row in rows if row["task"] == "saliency"]
+    assert {row["method"] for row in saliency} == {"closed_form"}
+    assert row_of(rows, "model", "saliency", INFORMATIVE_LAYER)["dice"] > 0.9
+
+
+def test_gradient_saliency_sweep(tmp_path):
+    run = write_synthetic_run(tmp_path / "run", images=6, steps=1)
+    settings = ProbeFitSettings(saliency_method="gradient", gradient_iterations=10)
+    rows = sweep_run(run, settings=settings, progress=False)
     saliency = [row for row in rows if row["task"] == "saliency"]
     assert {row["method"] for row in saliency} == {"gradient"}
     assert row_of(rows, "model", "saliency", INFORMATIVE_LAYER)["dice"] > 0.9
