@@ -8,7 +8,7 @@ stored as
 order and ``width`` is its number of channels.
 
 Classifier-free guidance runs the UNet on the batch ``[unconditional; conditional]``
-(diffusers' order). ``guidance_batches=2`` tells the hooks to read and edit the conditional
+(diffusers' order). With ``guidance_batches=2`` the hooks read and edit the conditional
 half only. ``guidance_batches=1`` means the batch has no unconditional half, as when the
 guidance scale is 1, so the whole batch is used.
 """

@@ -1,4 +1,4 @@
-"""Move the salient object interactively: an intervention session, GIF paths and sliders."""
+"""Move the salient object interactively: an intervention session and sliders."""
 
 import logging
 import time

@@ -17,7 +17,7 @@ Legend (names in the code, symbols of the method):
 
 import logging
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -152,8 +152,6 @@ class InterventionSettings:
 
     learning_rate: float = 5e-3
     """Gradient method: Adam learning rate, relative to the activation's scale."""
-
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.task not in ("saliency", "depth"):
@@ -295,7 +293,7 @@ def probes_for_intervention(
 
     if checkpoint.task != settings.task:
         raise ValueError(
-            f"The checkpoint holds {checkpoint.task} probes but the intervention edits "
+            f"The checkpoint contains {checkpoint.task} probes but the intervention edits "
             f"{settings.task}: load the {settings.task} checkpoint."
         )
     scale = vae_scale_factor(pipe.vae)

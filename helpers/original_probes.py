@@ -224,7 +224,7 @@ def convert_original_probes(
         probe = probe_from_state_dict(state, probe_file.task, grid, depth_mean, depth_std)
         if probe.width != width:
             raise ValueError(
-                f"{probe_file.path} holds a {probe.width}-wide probe, but the attn1 layers of "
+                f"{probe_file.path} contains a {probe.width}-wide probe, but the attn1 layers of "
                 f"{probe_file.block} in SD v1.x are {width} wide: the file does not belong to "
                 "this block."
             )

@@ -30,7 +30,7 @@ TASKS = ("saliency", "depth")
 
 @dataclass
 class ProbeFitSettings:
-    """How probes are fitted."""
+    """Settings of probe fitting."""
 
     ridge: float = 1e-3
     """L2 penalty of least squares, relative to the mean diagonal of the Gram matrix."""
@@ -179,7 +179,7 @@ def fit_depth_probe(
 def fit_depth_probe_gradient(
     activations: torch.Tensor, depth: np.ndarray, mean: float, std: float, iterations: int = 200
 ) -> LinearProbe:
-    """The same depth probe fitted by gradient descent (Adam on MSE), for comparison."""
+    """Fit the same depth probe by gradient descent (Adam on MSE), for comparison."""
     grid = grid_of(activations.shape[1])
     targets = pool_to_grid(standardise_depth(depth, mean, std), grid).reshape(-1)
     inputs = activations.float().reshape(-1, activations.shape[-1])

@@ -1,4 +1,4 @@
-"""Linear probes on synthetic activations with known answers."""
+"""Linear probes on synthetic activations with known solutions."""
 
 import numpy as np
 import pytest

@@ -25,8 +25,9 @@ UNIFORM_IMAGE_STD = 1e-3
 
 
 def _light_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    """One convolution without normalisation, for the full-resolution stages, which dominate
-    the cost on a CPU."""
+    """Build one convolution without normalisation, for the full-resolution stages.
+
+    Those stages dominate the cost on a CPU."""
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.SiLU())
 
 

@@ -1,4 +1,4 @@
-"""Checks that a generated toy image shows what its caption asks for.
+"""Checks that a generated toy image shows what its caption requests.
 
 The salient object is found with the toy saliency estimator; its colour is the palette colour
 nearest to the object's lit pixels, and its horizontal position is the image third holding the

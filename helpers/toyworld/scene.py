@@ -163,7 +163,7 @@ TEMPLATES = (
 
 
 def horizontal_position(mask: np.ndarray) -> str:
-    """Name the image third ("left", "centre" or "right") that holds the mask's centroid."""
+    """Name the image third ("left", "centre" or "right") that contains the mask's centroid."""
     columns = np.nonzero(mask)[1]
     if columns.size == 0:
         raise ValueError("The mask is empty, so it has no horizontal position.")

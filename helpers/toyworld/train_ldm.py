@@ -27,8 +27,8 @@ from .architecture import (
 from .dataset import DISTANCES, SIDES, render_training_set
 from .scene import COLORS, SHAPES, compose_caption
 from .tokenizer import save_tokenizer
-from .train_vae import cosine_learning_rate, images_to_tensor, tensor_to_images
-from .training_state import load_training_state, save_training_state
+from .train_vae import cosine_learning_rate, images_to_tensor
+from .training_state import load_model_weights, load_training_state, save_training_state
 
 logger = logging.getLogger(__name__)
 
@@ -256,14 +256,7 @@ def export_pipeline(ldm_dir: str | Path, vae_dir: str | Path, output: str | Path
         len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id
     )
     modules = {"unet_ema": unet, "text_ema": text_encoder}
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(ldm_dir / "checkpoint.safetensors"))
-    for name, module in modules.items():
-        prefix = f"model.{name}."
-        module.load_state_dict(
-            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        )
+    load_model_weights(ldm_dir / "checkpoint.safetensors", modules)
 
     pipeline = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(vae_dir),
@@ -278,17 +271,3 @@ def export_pipeline(ldm_dir: str | Path, vae_dir: str | Path, output: str | Path
     pipeline.save_pretrained(output, safe_serialization=True)
     logger.info("Exported the toy pipeline to %s", output)
     return Path(output)
-
-
-def sample_grid(pipeline, prompts, path: Path, seeds=None) -> None:
-    """Sample prompts and save them as one row, for looking at training progress."""
-    seeds = seeds if seeds is not None else range(len(prompts))
-    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    images = pipeline(
-        list(prompts), num_inference_steps=15, guidance_scale=4.0, generator=generators
-    ).images
-    row = np.concatenate([np.asarray(image) for image in images], axis=1)
-    Image.fromarray(row).save(path)
-
-
-__all__ = ["train_ldm", "export_pipeline", "sample_grid", "tensor_to_images"]

@@ -120,7 +120,8 @@ def train_vae(
             )
             return output_dir
 
-    # Measure the latent scale on held-back images so diffusion sees unit variance.
+    # Measure the latent scale on 1024 training images, so the diffusion model trains on
+    # unit-variance latents.
     vae.eval()
     with torch.no_grad():
         sample = images_to_tensor(images[:1024]).to(device)

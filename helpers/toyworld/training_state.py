@@ -38,17 +38,26 @@ def save_training_state(path, modules: dict, optimizer, step: int, extra: dict |
     os.replace(partial, path)
 
 
-def load_training_state(path, modules: dict, optimizer) -> tuple[int, dict]:
-    """Restore modules and optimizer in place; returns the step and the extra metadata."""
-    tensors = load_file(str(path))
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
+def load_model_weights(path, modules: dict) -> dict:
+    """Load the named modules' weights from a training checkpoint in place.
 
+    Returns all tensors of the file, so a caller can read the optimizer state without
+    loading the file again.
+    """
+    tensors = load_file(str(path))
     for name, module in modules.items():
         prefix = f"model.{name}."
         module.load_state_dict(
             {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
         )
+    return tensors
+
+
+def load_training_state(path, modules: dict, optimizer) -> tuple[int, dict]:
+    """Restore modules and optimizer in place; returns the step and the extra metadata."""
+    tensors = load_model_weights(path, modules)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
 
     moments: dict[int, dict] = {}
     for key, value in tensors.items():
