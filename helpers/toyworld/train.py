@@ -32,6 +32,9 @@ def main(argv=None) -> None:
         "--steps", type=int, help="total optimizer steps (learning-rate schedule length)"
     )
     parser.add_argument("--batch-size", type=int, help="images per optimizer step")
+    parser.add_argument(
+        "--learning-rate", type=float, help="peak learning rate of the cosine schedule"
+    )
     parser.add_argument("--scenes", type=int, help="number of rendered training scenes")
     parser.add_argument("--max-minutes", type=float, help="stop cleanly after this many minutes")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
@@ -49,6 +52,7 @@ def main(argv=None) -> None:
         for key, value in (
             ("steps", args.steps),
             ("batch_size", args.batch_size),
+            ("learning_rate", args.learning_rate),
             ("scene_count", args.scenes),
             ("max_minutes", args.max_minutes),
         )

@@ -25,6 +25,7 @@ from .architecture import (
     build_unet,
 )
 from .dataset import DISTANCES, SIDES, render_training_set
+from .position_loss import PositionHeads
 from .scene import COLORS, SHAPES, compose_caption
 from .tokenizer import save_tokenizer
 from .train_vae import cosine_learning_rate, images_to_tensor
@@ -36,6 +37,16 @@ CAPTION_DROPOUT = 0.1
 # Min-SNR loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
 # Weighting Strategy"): caps the weight of low-noise timesteps so they do not dominate.
 MIN_SNR_GAMMA = 5.0
+# Where the object goes is decided in the noisiest steps, where the epsilon loss weighs an error
+# in the clean latent by the tiny signal-to-noise ratio (0.005 at the last timestep), so a
+# caption's position words barely pull on the weights. Two measures give those steps more say:
+# every error in the clean latent gets this much weight on top of min-SNR's (1.0 matches
+# what v-prediction and EDM give the noisiest steps), and half of each batch draws its
+# timesteps from the noisier half of the schedule.
+CLEAN_LATENT_WEIGHT_FLOOR = 1.0
+NOISY_HALF_START = 500
+# Weight of the auxiliary loss that makes attention inputs carry their image coordinates.
+POSITION_LOSS_WEIGHT = 0.1
 PREVIEW_PROMPTS = (
     "a red sphere on the left, close to the camera",
     "a blue cube on the right, far away",
@@ -85,6 +96,23 @@ def random_captions(data: dict, index: np.ndarray, rng: np.random.Generator) -> 
             )
         )
     return captions
+
+
+def noisy_biased_timesteps(count: int, total: int, generator: torch.Generator) -> torch.Tensor:
+    """Draw half of the timesteps from the whole schedule and half from its noisy half."""
+    uniform = torch.randint(0, total, (count - count // 2,), generator=generator)
+    noisy = torch.randint(NOISY_HALF_START, total, (count // 2,), generator=generator)
+    return torch.cat([uniform, noisy])
+
+
+def loss_weights(snr: torch.Tensor) -> torch.Tensor:
+    """Weights of the epsilon errors: min-SNR, plus a floor on the weight of clean-latent errors.
+
+    An epsilon error equals the clean-latent error times sqrt(SNR), so a weight w on the
+    epsilon error is a weight w * SNR on the clean-latent error. Min-SNR gives it
+    min(SNR, gamma); the floor adds CLEAN_LATENT_WEIGHT_FLOOR to it, so noisy steps keep a say.
+    """
+    return (torch.clamp(snr, max=MIN_SNR_GAMMA) + CLEAN_LATENT_WEIGHT_FLOOR) / snr
 
 
 def tokenize(tokenizer: CLIPTokenizer, captions: list[str], device) -> torch.Tensor:
@@ -164,13 +192,16 @@ def train_ldm(
     ).to(device)
     unet_average = copy.deepcopy(unet).requires_grad_(False)
     text_average = copy.deepcopy(text_encoder).requires_grad_(False)
-    parameters = [*unet.parameters(), *text_encoder.parameters()]
+    # Attached after the copies, so the averaged UNet carries no hooks.
+    position_heads = PositionHeads(unet).to(device)
+    parameters = [*unet.parameters(), *text_encoder.parameters(), *position_heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=1e-2)
     modules = {
         "unet": unet,
         "text": text_encoder,
         "unet_ema": unet_average,
         "text_ema": text_average,
+        "position_heads": position_heads,
     }
     checkpoint = output_dir / "checkpoint.safetensors"
     step = 0
@@ -195,19 +226,20 @@ def train_ldm(
 
         # 4. Forward diffusion: z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) epsilon.
         noise = torch.randn(latents.shape, generator=generator).to(device)
-        timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator
-        )
-        timesteps = timesteps.to(device)
+        timesteps = noisy_biased_timesteps(
+            batch_size, scheduler.config.num_train_timesteps, generator
+        ).to(device)
         noisy_latents = scheduler.add_noise(latents, noise, timesteps)
 
-        # 5. Predict epsilon; weight each sample's error by min(SNR_t, gamma) / SNR_t.
+        # 5. Predict epsilon and weight each sample's error (see loss_weights); add the
+        # auxiliary loss that keeps image coordinates in the attention inputs.
         text_embeddings = text_encoder(token_ids).last_hidden_state
         noise_prediction = unet(noisy_latents, timesteps, text_embeddings).sample
-        snr = signal_to_noise[timesteps]
-        weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
+        weights = loss_weights(signal_to_noise[timesteps])
         per_sample = (noise_prediction - noise).pow(2).mean(dim=(1, 2, 3))
-        loss = (weights * per_sample).mean()
+        diffusion_loss = (weights * per_sample).mean()
+        position_loss = position_heads.loss()
+        loss = diffusion_loss + POSITION_LOSS_WEIGHT * position_loss
 
         for group in optimizer.param_groups:
             group["lr"] = cosine_learning_rate(step, steps, learning_rate, warmup=200)
@@ -221,13 +253,15 @@ def train_ldm(
         decay = min(ema_decay, (1 + step) / (10 + step))
         update_ema(unet_average, unet, decay)
         update_ema(text_average, text_encoder, decay)
-        losses.append(loss.item())
+        losses.append((diffusion_loss.item(), position_loss.item()))
 
         if step % 50 == 0:
+            recent = np.mean(losses[-50:], axis=0)
             logger.info(
-                "ldm step %d loss %.4f (%.1f s)",
+                "ldm step %d loss %.4f position loss %.4f (%.1f s)",
                 step,
-                float(np.mean(losses[-50:])),
+                recent[0],
+                recent[1],
                 time.time() - started,
             )
         out_of_time = max_minutes is not None and time.time() - started > max_minutes * 60
