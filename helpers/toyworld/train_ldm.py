@@ -37,9 +37,9 @@ CAPTION_DROPOUT = 0.1
 # Min-SNR loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
 # Weighting Strategy"): caps the weight of low-noise timesteps so they do not dominate.
 MIN_SNR_GAMMA = 5.0
-# Where the object goes is decided in the noisiest steps, where the epsilon loss weighs an error
-# in the clean latent by the tiny signal-to-noise ratio (0.005 at the last timestep), so a
-# caption's position words barely pull on the weights. Two measures give those steps more say:
+# Where the object goes is decided in the noisiest steps. There the epsilon loss weighs an
+# error in the clean latent by the tiny signal-to-noise ratio (0.005 at the last timestep),
+# so a caption's position words barely pull on the weights. Two measures give those steps more say:
 # every error in the clean latent gets this much weight on top of min-SNR's (1.0 matches
 # what v-prediction and EDM give the noisiest steps), and half of each batch draws its
 # timesteps from the noisier half of the schedule.
@@ -110,7 +110,7 @@ def loss_weights(snr: torch.Tensor) -> torch.Tensor:
 
     An epsilon error equals the clean-latent error times sqrt(SNR), so a weight w on the
     epsilon error is a weight w * SNR on the clean-latent error. Min-SNR gives it
-    min(SNR, gamma); the floor adds CLEAN_LATENT_WEIGHT_FLOOR to it, so noisy steps keep a say.
+    min(SNR, gamma); the floor adds CLEAN_LATENT_WEIGHT_FLOOR to it, so noisy steps still count.
     """
     return (torch.clamp(snr, max=MIN_SNR_GAMMA) + CLEAN_LATENT_WEIGHT_FLOOR) / snr
 
