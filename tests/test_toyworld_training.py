@@ -1,13 +1,21 @@
 """Training of the toy LDM: loss weighting, the position heads, checkpoints, resume, export."""
 
+import copy
+import logging
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 from helpers.paths import TOY_LDM_DIR
-from helpers.toyworld.architecture import build_training_scheduler, build_unet
+from helpers.toyworld.architecture import (
+    build_text_encoder,
+    build_training_scheduler,
+    build_unet,
+)
 from helpers.toyworld.position_loss import PositionHeads, coordinate_maps
+from helpers.toyworld.tokenizer import save_tokenizer
 from helpers.toyworld.train_ldm import (
     CLEAN_LATENT_WEIGHT_FLOOR,
     MIN_SNR_GAMMA,
@@ -17,6 +25,7 @@ from helpers.toyworld.train_ldm import (
     noisy_biased_timesteps,
     train_ldm,
 )
+from helpers.toyworld.training_state import load_model_weights, save_training_state
 
 
 def test_coordinate_maps_span_image():
@@ -118,8 +127,46 @@ def test_training_resumes_and_exports(tmp_path):
 
 
 def build_loaded_unet(checkpoint) -> dict:
-    from helpers.toyworld.training_state import load_model_weights
-
     unet = build_unet()
     load_model_weights(checkpoint, {"unet": unet})
     return unet.state_dict()
+
+
+def test_resume_adds_missing_position_heads(tmp_path, caplog):
+    # A checkpoint written before the position heads existed: models and optimizer only.
+    ldm_dir = tmp_path / "ldm"
+    tokenizer = save_tokenizer(tmp_path / "tokenizer")
+    unet = build_unet()
+    text_encoder = build_text_encoder(
+        len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id
+    )
+    optimizer = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()])
+    modules = {
+        "unet": unet,
+        "text": text_encoder,
+        "unet_ema": copy.deepcopy(unet),
+        "text_ema": copy.deepcopy(text_encoder),
+    }
+    checkpoint = ldm_dir / "checkpoint.safetensors"
+    save_training_state(checkpoint, modules, optimizer, step=1)
+
+    with caplog.at_level(logging.INFO, logger="helpers.toyworld"):
+        train_ldm(
+            ldm_dir, TOY_LDM_DIR / "vae", steps=2, scene_count=6, batch_size=2, checkpoint_every=1
+        )
+
+    assert "Resumed diffusion training at step 1" in caplog.text
+    assert "position_heads" in caplog.text
+    assert checkpoint_step(checkpoint) == 2
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        keys = list(handle.keys())
+    assert any(key.startswith("model.position_heads.") for key in keys)
+
+
+def test_checkpoint_of_other_model_raises(tmp_path):
+    other = torch.nn.Linear(2, 2)
+    path = tmp_path / "checkpoint.safetensors"
+    save_training_state(path, {"unet": other}, torch.optim.AdamW(other.parameters()), step=1)
+
+    with pytest.raises(ValueError, match="does not fit the 'unet' model"):
+        load_model_weights(path, {"unet": build_unet()})

@@ -206,7 +206,7 @@ def train_ldm(
     checkpoint = output_dir / "checkpoint.safetensors"
     step = 0
     if checkpoint.exists():
-        step, _ = load_training_state(checkpoint, modules, optimizer)
+        step, _ = load_training_state(checkpoint, modules, optimizer, optional={"position_heads"})
         logger.info("Resumed diffusion training at step %d", step)
 
     scheduler = build_training_scheduler()

@@ -6,12 +6,16 @@ interrupted save leaves the previous checkpoint intact.
 """
 
 import json
+import logging
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
 
 
 def save_training_state(path, modules: dict, optimizer, step: int, extra: dict | None = None):
@@ -38,24 +42,46 @@ def save_training_state(path, modules: dict, optimizer, step: int, extra: dict |
     os.replace(partial, path)
 
 
-def load_model_weights(path, modules: dict) -> dict:
+def load_model_weights(path, modules: dict, optional: Collection[str] = ()) -> dict:
     """Load the named modules' weights from a training checkpoint in place.
 
+    A module named in ``optional`` that the file does not contain keeps its current weights.
     Returns all tensors of the file, so a caller can read the optimizer state without
     loading the file again.
+
+    Raises:
+        ValueError: if the file's weights do not fit a module, e.g. another architecture.
     """
     tensors = load_file(str(path))
     for name, module in modules.items():
         prefix = f"model.{name}."
-        module.load_state_dict(
-            {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
-        )
+        state = {
+            key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)
+        }
+        if not state and name in optional:
+            continue
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as error:
+            summary = " ".join(str(error).split())[:300]
+            raise ValueError(
+                f"The checkpoint {path} does not fit the {name!r} model that this code builds "
+                f"({summary}). Resume with the code that wrote it, or move the file away to "
+                "train from the start."
+            ) from error
     return tensors
 
 
-def load_training_state(path, modules: dict, optimizer) -> tuple[int, dict]:
-    """Restore modules and optimizer in place; returns the step and the extra metadata."""
-    tensors = load_model_weights(path, modules)
+def load_training_state(
+    path, modules: dict, optimizer, optional: Collection[str] = ()
+) -> tuple[int, dict]:
+    """Restore modules and optimizer in place; returns the step and the extra metadata.
+
+    Modules named in ``optional`` may be missing from the file, e.g. a module added to the
+    training after the checkpoint was written. They keep their initial weights, and their
+    parameters, which must come last in the optimizer's last group, start with fresh moments.
+    """
+    tensors = load_model_weights(path, modules, optional)
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
 
@@ -64,7 +90,30 @@ def load_training_state(path, modules: dict, optimizer) -> tuple[int, dict]:
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
             moments.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict(
-        {"state": moments, "param_groups": json.loads(metadata["param_groups"])}
-    )
+    groups = json.loads(metadata["param_groups"])
+    missing = [
+        name for name in optional if not any(k.startswith(f"model.{name}.") for k in tensors)
+    ]
+    if missing:
+        logger.warning("%s has no weights for %s; they start from scratch", path, missing)
+        groups = _append_new_parameters(groups, optimizer, path)
+    optimizer.load_state_dict({"state": moments, "param_groups": groups})
     return int(metadata["step"]), json.loads(metadata["extra"])
+
+
+def _append_new_parameters(groups: list[dict], optimizer, path) -> list[dict]:
+    """Extend the saved last parameter group by the optimizer's parameters it lacks."""
+    current = optimizer.param_groups
+    earlier_match = all(
+        len(saved["params"]) == len(group["params"])
+        for saved, group in zip(groups[:-1], current[:-1], strict=False)
+    )
+    if len(groups) != len(current) or not earlier_match:
+        raise ValueError(
+            f"The optimizer state in {path} has another parameter layout than this training; "
+            "move the file away to train from the start."
+        )
+    first_new = sum(len(saved["params"]) for saved in groups)
+    added = len(current[-1]["params"]) - len(groups[-1]["params"])
+    groups[-1]["params"] = groups[-1]["params"] + list(range(first_new, first_new + added))
+    return groups
