@@ -1,14 +1,16 @@
 """Measure how much the toy model's self-attention outputs control where the object goes.
 
-This is an upper bound for any edit of the self-attention outputs. The prompt pairs differ
-only in the side ("on the left" against "on the right"). The outputs recorded while
-generating the left image replace (patch) those of the right image, same seed, in the
-conditional half of the guided batch. If the layout lived in these outputs, the patched
+This bounds what an edit of the conditional half of the self-attention outputs can do, as
+the interventions make it. The prompt pairs differ only in the side word ("on the left"
+against "on the right"). The outputs recorded while generating the left image replace
+(patch) those of the right image, same seed, in the conditional half of the guided batch.
+The unconditional half keeps its own. If the layout lived in these outputs, the patched
 object would move to the left image's place.
 
 Prints ``name=value`` lines: for each patched set of layers and steps, the mean fraction of
-the distance between the two objects' centroids that the patch covers (0: the object stays
-right, 1: it moves all the way left).
+the distance between the two objects' centroids that the patch covers. 0 means the object
+stays right, 1 that it moves all the way left; values outside [0, 1] overshoot either way.
+A patched image in which the labeler finds no object counts as 0.
 
     python benchmarks/attention_patching.py [--pairs 8]
 """
@@ -102,7 +104,11 @@ def main() -> None:
     print(f"pairs={args.pairs}")
     print(f"pairs_skipped={skipped}")
     for name, values in fractions.items():
-        print(f"moved_fraction_{name}={np.mean(values):.3f}" if values else f"{name}=nan")
+        print(
+            f"moved_fraction_{name}={np.mean(values):.3f}"
+            if values
+            else f"moved_fraction_{name}=nan"
+        )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from helpers.toyworld.architecture import (
 )
 from helpers.toyworld.position_loss import PositionHeads, coordinate_maps
 from helpers.toyworld.tokenizer import save_tokenizer
+from helpers.toyworld.train import main as train_main
 from helpers.toyworld.train_ldm import (
     CLEAN_LATENT_WEIGHT_FLOOR,
     MIN_SNR_GAMMA,
@@ -141,6 +142,11 @@ def test_resume_adds_missing_position_heads(tmp_path, caplog):
         len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id
     )
     optimizer = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()])
+    # One real step, so the saved optimizer state contains moments to restore.
+    text = text_encoder(torch.tensor([[0, 1]])).last_hidden_state
+    prediction = unet(torch.randn(1, 4, 16, 16), 500, text).sample
+    prediction.square().mean().backward()
+    optimizer.step()
     modules = {
         "unet": unet,
         "text": text_encoder,
@@ -170,3 +176,39 @@ def test_checkpoint_of_other_model_raises(tmp_path):
 
     with pytest.raises(ValueError, match="does not fit the 'unet' model"):
         load_model_weights(path, {"unet": build_unet()})
+
+
+def test_damaged_checkpoint_raises_with_fix(tmp_path):
+    path = tmp_path / "checkpoint.safetensors"
+    path.write_bytes(b"not a safetensors file at all")
+
+    with pytest.raises(ValueError, match="damaged or not a safetensors file"):
+        load_model_weights(path, {"unet": build_unet()})
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["ldm", "--steps", "0"],
+        ["ldm", "--batch-size", "-1"],
+        ["ldm", "--scenes", "0"],
+        ["ldm", "--threads", "0"],
+        ["ldm", "--learning-rate", "-0.001"],
+    ],
+)
+def test_train_cli_rejects_nonpositive_values(arguments, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(arguments)
+
+    assert exit_info.value.code == 2
+    assert "must be a positive" in capsys.readouterr().err
+
+
+def test_ldm_stage_without_autoencoder_names_vae_stage(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the vae stage first"):
+        train_main(["ldm", "--work-dir", str(tmp_path), "--steps", "1"])
+
+
+def test_export_without_checkpoint_names_ldm_stage(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the ldm stage first"):
+        train_main(["export", "--work-dir", str(tmp_path), "--output", str(tmp_path / "out")])

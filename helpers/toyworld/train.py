@@ -7,9 +7,11 @@ Stages, run in this order:
 - ``export``: write the UNet's averaged weights and the rest as a diffusers pipeline folder.
 - ``estimators``: the depth and saliency estimators, on rendered scenes.
 
-Every stage writes checkpoints under ``--work-dir`` and resumes from them when run again, so
-training can be stopped at any time (``--max-minutes`` stops it cleanly). It uses a GPU when
-one is present and runs unchanged on the CPU.
+Each training stage writes checkpoints under ``--work-dir`` and resumes from them when run
+again, so training can be stopped at any time (``--max-minutes`` stops it cleanly). It uses a
+GPU when one is present and runs unchanged on the CPU. ``export`` and ``estimators`` write
+into data/ by default and so replace the shipped weights; pass ``--output`` to keep them.
+Options left out take each stage's defaults (see train_vae, train_ldm, train_estimators).
 """
 
 import argparse
@@ -17,34 +19,57 @@ import logging
 
 import torch
 
-DEFAULT_WORK_DIR = "runs/toy_training"
+from ..paths import RUNS_DIR, TOY_ESTIMATORS_DIR, TOY_LDM_DIR
+
+DEFAULT_WORK_DIR = RUNS_DIR / "toy_training"
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m helpers.toyworld.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("stage", choices=("vae", "ldm", "export", "estimators"))
     parser.add_argument(
         "--work-dir", default=DEFAULT_WORK_DIR, help="folder for caches and checkpoints"
     )
     parser.add_argument(
-        "--steps", type=int, help="total optimizer steps (learning-rate schedule length)"
+        "--steps", type=positive_int, help="total optimizer steps (learning-rate schedule length)"
     )
-    parser.add_argument("--batch-size", type=int, help="images per optimizer step")
+    parser.add_argument("--batch-size", type=positive_int, help="images per optimizer step")
     parser.add_argument(
-        "--learning-rate", type=float, help="peak learning rate of the cosine schedule"
+        "--learning-rate", type=positive_float, help="peak learning rate of the cosine schedule"
     )
-    parser.add_argument("--scenes", type=int, help="number of rendered training scenes")
-    parser.add_argument("--max-minutes", type=float, help="stop cleanly after this many minutes")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    parser.add_argument("--scenes", type=positive_int, help="number of rendered training scenes")
+    parser.add_argument(
+        "--max-minutes", type=positive_float, help="stop cleanly after this many minutes"
+    )
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch")
     parser.add_argument(
         "--output",
-        help="export: pipeline folder (default data/toy_ldm); estimators: weights folder",
+        help=(
+            f"export: pipeline folder (default {TOY_LDM_DIR}); estimators: weights folder "
+            f"(default {TOY_ESTIMATORS_DIR})"
+        ),
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     options = {
@@ -70,13 +95,13 @@ def main(argv=None) -> None:
         from .train_ldm import export_pipeline
 
         export_pipeline(
-            f"{args.work_dir}/ldm", f"{args.work_dir}/vae/final", args.output or "data/toy_ldm"
+            f"{args.work_dir}/ldm", f"{args.work_dir}/vae/final", args.output or TOY_LDM_DIR
         )
     else:
         from .train_estimators import train_estimators
 
         train_estimators(
-            f"{args.work_dir}/estimators", args.output or "data/toy_estimators", **options
+            f"{args.work_dir}/estimators", args.output or TOY_ESTIMATORS_DIR, **options
         )
 
 

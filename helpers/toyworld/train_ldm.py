@@ -39,10 +39,10 @@ CAPTION_DROPOUT = 0.1
 MIN_SNR_GAMMA = 5.0
 # Where the object goes is decided in the noisiest steps. There the epsilon loss weighs an
 # error in the clean latent by the tiny signal-to-noise ratio (0.005 at the last timestep),
-# so a caption's position words barely pull on the weights. Two measures give those steps more say:
-# every error in the clean latent gets this much weight on top of min-SNR's (1.0 matches
-# what v-prediction and EDM give the noisiest steps), and half of each batch draws its
-# timesteps from the noisier half of the schedule.
+# so a caption's position words barely pull on the weights. Two measures give those steps
+# more weight. Every error in the clean latent gets this much weight on top of min-SNR's
+# (1.0 matches what v-prediction and EDM give the noisiest steps). And half of each batch
+# draws its timesteps from the noisier half of the schedule.
 CLEAN_LATENT_WEIGHT_FLOOR = 1.0
 NOISY_HALF_START = 500
 # Weight of the auxiliary loss that makes attention inputs carry their image coordinates.
@@ -96,6 +96,17 @@ def random_captions(data: dict, index: np.ndarray, rng: np.random.Generator) -> 
             )
         )
     return captions
+
+
+def require_vae(vae_dir: str | Path) -> Path:
+    """Return the trained autoencoder's folder, or raise naming the stage that writes it."""
+    vae_dir = Path(vae_dir)
+    if not (vae_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"No trained autoencoder in {vae_dir}; run the vae stage first "
+            "(python -m helpers.toyworld.train vae) with the same --work-dir."
+        )
+    return vae_dir
 
 
 def noisy_biased_timesteps(count: int, total: int, generator: torch.Generator) -> torch.Tensor:
@@ -174,7 +185,7 @@ def train_ldm(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     # 1. Frozen autoencoder, scene latents and the caption tokenizer.
-    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    vae = AutoencoderKL.from_pretrained(require_vae(vae_dir)).eval()
     data = render_training_set(scene_count, output_dir.parent)
     latent_mean, latent_std = encode_scenes(
         vae, data["images"], output_dir / f"latents_{scene_count}.npz"
@@ -208,6 +219,12 @@ def train_ldm(
     if checkpoint.exists():
         step, _ = load_training_state(checkpoint, modules, optimizer, optional={"position_heads"})
         logger.info("Resumed diffusion training at step %d", step)
+    if step >= steps:
+        logger.warning(
+            "The checkpoint is already at step %d of %d; pass a larger --steps to train on",
+            step,
+            steps,
+        )
 
     scheduler = build_training_scheduler()
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
@@ -284,6 +301,11 @@ def train_ldm(
 def export_pipeline(ldm_dir: str | Path, vae_dir: str | Path, output: str | Path) -> Path:
     """Write the averaged UNet and text encoder with the autoencoder as a pipeline folder."""
     ldm_dir = Path(ldm_dir)
+    if not (ldm_dir / "checkpoint.safetensors").is_file():
+        raise FileNotFoundError(
+            f"No diffusion training checkpoint in {ldm_dir}; run the ldm stage first "
+            "(python -m helpers.toyworld.train ldm) with the same --work-dir."
+        )
     tokenizer = CLIPTokenizer.from_pretrained(ldm_dir / "tokenizer")
     unet = build_unet()
     text_encoder = build_text_encoder(
@@ -293,7 +315,7 @@ def export_pipeline(ldm_dir: str | Path, vae_dir: str | Path, output: str | Path
     load_model_weights(ldm_dir / "checkpoint.safetensors", modules)
 
     pipeline = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(vae_dir),
+        vae=AutoencoderKL.from_pretrained(require_vae(vae_dir)),
         unet=unet,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

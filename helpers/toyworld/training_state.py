@@ -12,7 +12,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,18 @@ def save_training_state(path, modules: dict, optimizer, step: int, extra: dict |
     os.replace(partial, path)
 
 
+def read_checkpoint(path) -> dict[str, torch.Tensor]:
+    """Read all tensors of a checkpoint, naming the file and the fix if it is damaged."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise ValueError(
+            f"The checkpoint {path} is damaged or not a safetensors file ({error}). An interrupted "
+            "save never leaves such a file, so it was changed outside training; move it away to "
+            "train from the start."
+        ) from error
+
+
 def load_model_weights(path, modules: dict, optional: Collection[str] = ()) -> dict:
     """Load the named modules' weights from a training checkpoint in place.
 
@@ -52,7 +64,7 @@ def load_model_weights(path, modules: dict, optional: Collection[str] = ()) -> d
     Raises:
         ValueError: if the file's weights do not fit a module, e.g. another architecture.
     """
-    tensors = load_file(str(path))
+    tensors = read_checkpoint(path)
     for name, module in modules.items():
         prefix = f"model.{name}."
         state = {
@@ -60,6 +72,11 @@ def load_model_weights(path, modules: dict, optional: Collection[str] = ()) -> d
         }
         if not state and name in optional:
             continue
+        if not state:
+            raise ValueError(
+                f"The checkpoint {path} has no weights for the {name!r} model, so another "
+                "training wrote it; move it away to train from the start."
+            )
         try:
             module.load_state_dict(state)
         except RuntimeError as error:
@@ -83,7 +100,12 @@ def load_training_state(
     """
     tensors = load_model_weights(path, modules, optional)
     with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
+        metadata = handle.metadata() or {}
+    if "step" not in metadata or "param_groups" not in metadata:
+        raise ValueError(
+            f"{path} has no training metadata (step, optimizer settings), so it was not written "
+            "by this training code; move it away to train from the start."
+        )
 
     moments: dict[int, dict] = {}
     for key, value in tensors.items():
@@ -96,24 +118,31 @@ def load_training_state(
     ]
     if missing:
         logger.warning("%s has no weights for %s; they start from scratch", path, missing)
-        groups = _append_new_parameters(groups, optimizer, path)
-    optimizer.load_state_dict({"state": moments, "param_groups": groups})
+        new_parameters = sum(len(list(modules[name].parameters())) for name in missing)
+        groups = _append_new_parameters(groups, optimizer, new_parameters, path)
+    try:
+        optimizer.load_state_dict({"state": moments, "param_groups": groups})
+    except ValueError as error:
+        raise ValueError(
+            f"The optimizer state in {path} does not fit this training ({error}); move the file "
+            "away to train from the start."
+        ) from error
     return int(metadata["step"]), json.loads(metadata["extra"])
 
 
-def _append_new_parameters(groups: list[dict], optimizer, path) -> list[dict]:
+def _append_new_parameters(groups: list[dict], optimizer, new_parameters: int, path) -> list[dict]:
     """Extend the saved last parameter group by the optimizer's parameters it lacks."""
     current = optimizer.param_groups
     earlier_match = all(
         len(saved["params"]) == len(group["params"])
         for saved, group in zip(groups[:-1], current[:-1], strict=False)
     )
-    if len(groups) != len(current) or not earlier_match:
+    added = len(current[-1]["params"]) - len(groups[-1]["params"])
+    if len(groups) != len(current) or not earlier_match or added != new_parameters:
         raise ValueError(
             f"The optimizer state in {path} has another parameter layout than this training; "
             "move the file away to train from the start."
         )
     first_new = sum(len(saved["params"]) for saved in groups)
-    added = len(current[-1]["params"]) - len(groups[-1]["params"])
     groups[-1]["params"] = groups[-1]["params"] + list(range(first_new, first_new + added))
     return groups
