@@ -55,7 +55,7 @@ class PositionHeads(nn.Module):
         return hook
 
     def loss(self) -> torch.Tensor:
-        """Mean squared coordinate error over the blocks of the last UNet forward pass."""
+        """Return the mean squared coordinate error over the blocks of the last UNet pass."""
         if len(self._inputs) != len(self.block_names):
             raise RuntimeError("Run the UNet forward pass before asking for the position loss.")
         errors = []
@@ -72,7 +72,8 @@ class PositionHeads(nn.Module):
 
 
 def coordinate_maps(features: torch.Tensor) -> torch.Tensor:
-    """Column and row of every position of (batch, channels, H, W) features, in [-1, 1]."""
+    """Return the column and row of each position of (batch, channels, H, W) features."""
+    # Both run from -1 at the left or top edge to 1 at the right or bottom edge.
     batch, _, height, width = features.shape
     rows = torch.linspace(-1.0, 1.0, height, device=features.device, dtype=features.dtype)
     columns = torch.linspace(-1.0, 1.0, width, device=features.device, dtype=features.dtype)

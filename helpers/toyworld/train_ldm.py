@@ -37,7 +37,7 @@ CAPTION_DROPOUT = 0.1
 # Min-SNR loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
 # Weighting Strategy"): caps the weight of low-noise timesteps so they do not dominate.
 MIN_SNR_GAMMA = 5.0
-# Where the object goes is decided in the noisiest steps. There the epsilon loss weighs an
+# The object's place is decided in the noisiest steps. There the epsilon loss weighs an
 # error in the clean latent by the tiny signal-to-noise ratio (0.005 at the last timestep),
 # so a caption's position words barely pull on the weights. Two measures give those steps
 # more weight. Every error in the clean latent gets this much weight on top of min-SNR's

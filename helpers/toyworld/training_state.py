@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
 
@@ -42,29 +42,39 @@ def save_training_state(path, modules: dict, optimizer, step: int, extra: dict |
     os.replace(partial, path)
 
 
-def read_checkpoint(path) -> dict[str, torch.Tensor]:
-    """Read all tensors of a checkpoint, naming the file and the fix if it is damaged."""
+def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read all tensors and the metadata of a checkpoint in one pass.
+
+    Raises:
+        ValueError: if the file is damaged or not a safetensors file, naming it and the fix.
+    """
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except SafetensorError as error:
         raise ValueError(
             f"The checkpoint {path} is damaged or not a safetensors file ({error}). An interrupted "
             "save never leaves such a file, so it was changed outside training; move it away to "
             "train from the start."
         ) from error
+    return tensors, metadata
 
 
-def load_model_weights(path, modules: dict, optional: Collection[str] = ()) -> dict:
+def load_model_weights(path, modules: dict, optional: Collection[str] = ()) -> None:
     """Load the named modules' weights from a training checkpoint in place.
 
     A module named in ``optional`` that the file does not contain keeps its current weights.
-    Returns all tensors of the file, so a caller can read the optimizer state without
-    loading the file again.
 
     Raises:
         ValueError: if the file's weights do not fit a module, e.g. another architecture.
     """
-    tensors = read_checkpoint(path)
+    tensors, _ = read_checkpoint(path)
+    restore_modules(tensors, modules, optional, path)
+
+
+def restore_modules(tensors: dict, modules: dict, optional: Collection[str], path) -> None:
+    """Load each module's ``model.<name>.`` tensors into it; see load_model_weights."""
     for name, module in modules.items():
         prefix = f"model.{name}."
         state = {
@@ -86,7 +96,6 @@ def load_model_weights(path, modules: dict, optional: Collection[str] = ()) -> d
                 f"({summary}). Resume with the code that wrote it, or move the file away to "
                 "train from the start."
             ) from error
-    return tensors
 
 
 def load_training_state(
@@ -98,9 +107,8 @@ def load_training_state(
     training after the checkpoint was written. They keep their initial weights, and their
     parameters, which must come last in the optimizer's last group, start with fresh moments.
     """
-    tensors = load_model_weights(path, modules, optional)
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    tensors, metadata = read_checkpoint(path)
+    restore_modules(tensors, modules, optional, path)
     if "step" not in metadata or "param_groups" not in metadata:
         raise ValueError(
             f"{path} has no training metadata (step, optimizer settings), so it was not written "
